@@ -1,0 +1,32 @@
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.models.attention import dot_product_attention, mask_to_bias
+
+
+def _reference(q, k, v, bias):
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def test_masked_attention_matches_numpy():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 5, 3, 4)).astype(np.float32) for _ in range(3))
+    k, v = k[:, :4], v[:, :4]
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)
+    bias = np.asarray(mask_to_bias(jnp.asarray(mask)))
+    out = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias=jnp.asarray(bias))
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, bias), atol=1e-5)
+    # A masked key must not influence the output.
+    v2 = v.copy(); v2[1, 3] += 100.0
+    out2 = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v2), bias=jnp.asarray(bias))
+    np.testing.assert_allclose(np.asarray(out2)[1], np.asarray(out)[1], atol=1e-5)
+
+
+def test_auto_falls_back_to_xla_on_cpu():
+    x = jnp.ones((1, 3, 2, 8), jnp.bfloat16)
+    out = dot_product_attention(x, x, x, implementation="auto")
+    assert out.shape == x.shape and out.dtype == jnp.bfloat16

@@ -1,0 +1,1 @@
+"""Flax linen modules, used purely: ``model.apply({'params': p}, ...)``. NHWC images."""

@@ -1,0 +1,59 @@
+"""The one attention function every model calls.
+
+All attention in the project goes through :func:`dot_product_attention`, so the
+backend choice lives in one place: XLA everywhere by default (CPU, GPU, TPU), and
+cuDNN flash attention on NVIDIA GPUs when asked for and when the inputs allow it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Implementation = Literal["xla", "cudnn", "auto"]
+
+# Additive bias that the PyTorch references (diffusers, Karlo) use for masked keys.
+# Using the same finite value (not -inf) keeps fully masked rows and parity exact.
+MASK_BIAS = -10000.0
+
+
+def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Boolean key mask (B, Lk), True = attend, to an additive bias (B, 1, 1, Lk)."""
+    return jnp.where(mask, 0.0, MASK_BIAS).astype(dtype)[:, None, None, :]
+
+
+def _cudnn_ok(q: jax.Array, bias: jax.Array | None) -> bool:
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and bias is None)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          bias: jax.Array | None = None, is_causal: bool = False,
+                          scale: float | None = None,
+                          implementation: Implementation = "xla") -> jax.Array:
+    """softmax(q k^T * scale + bias) v over heads.
+
+    Args:
+      q: (B, Lq, H, D) queries.
+      k, v: (B, Lk, H, D) keys and values.
+      bias: additive logits bias broadcastable to (B, H, Lq, Lk), e.g. from
+        :func:`mask_to_bias`; masked positions get ``MASK_BIAS``.
+      is_causal: mask keys after each query (Lq == Lk).
+      scale: logits scale; 1/sqrt(D) by default.
+      implementation: "xla" (portable, the default), "cudnn" (flash attention on
+        NVIDIA GPUs; bf16/fp16, D <= 128, no bias), or "auto" (cudnn where it
+        applies, else xla).
+    Returns:
+      (B, Lq, H, D) in the dtype of ``q``.
+    """
+    if implementation == "auto":
+        implementation = "cudnn" if _cudnn_ok(q, bias) else "xla"
+    if bias is not None:
+        bias = bias.astype(q.dtype)
+        # jax.nn.dot_product_attention wants a bias of rank 4 with full batch/head dims
+        # or 1s; broadcasting to the full logits shape keeps every backend happy.
+        bias = jnp.broadcast_to(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal,
+                                        scale=scale, implementation=implementation)
