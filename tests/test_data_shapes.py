@@ -1,0 +1,124 @@
+"""Captioned shapes: determinism, vocabulary, held-out split, captions and their parser."""
+
+import re
+
+import grain
+import numpy as np
+import pytest
+
+from unclip_jax.data import shapes
+
+
+def test_examples_are_pure_functions_of_seed_split_index():
+    a = shapes.generate_example(3, "train", 17)
+    b = shapes.generate_example(3, "train", 17)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert a["caption"] == b["caption"] and a["objects"] == b["objects"]
+    # Any other seed, split or index gives another image.
+    for other in (shapes.generate_example(4, "train", 17), shapes.generate_example(3, "test", 17),
+                  shapes.generate_example(3, "train", 18)):
+        assert not np.array_equal(a["image"], other["image"])
+    source = shapes.ShapesSource("train", 50, seed=3)
+    np.testing.assert_array_equal(source[17]["image"], a["image"])
+    assert source[17]["caption"] == a["caption"]
+    assert shapes.decode_attributes(source[17]["attributes"]) == a["objects"]
+    batch = shapes.make_batch("train", 15, 4, seed=3)
+    np.testing.assert_array_equal(batch["image"][2], a["image"])
+    assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.uint8
+
+
+def test_image_sizes_and_errors():
+    small = shapes.generate_example(0, "train", 5, image_size=32)
+    assert small["image"].shape == (32, 32, 3) and small["image"].dtype == np.uint8
+    assert small["objects"] == shapes.generate_example(0, "train", 5)["objects"]
+    with pytest.raises(ValueError, match="unknown shapes split"):
+        shapes.ShapesSource("training")
+    with pytest.raises(IndexError):
+        shapes.ShapesSource("train", 10)[10]
+
+
+def test_vocabulary_and_templates_are_covered():
+    examples = [shapes.generate_example(0, "train", i, image_size=16) for i in range(600)]
+    seen = {a: set() for a in shapes.ATTRIBUTES}
+    for e in examples:
+        for o in e["objects"]:
+            for a in shapes.ATTRIBUTES:
+                seen[a].add(o[a])
+    for a in shapes.ATTRIBUTES:
+        assert seen[a] == set(shapes.VOCAB[a]), a
+    assert {len(e["objects"]) for e in examples} == {1, 2}
+    assert {e["relation"] for e in examples} == set(shapes.RELATIONS) | {None}
+    # Caption forms: the caption with every vocabulary word replaced by a slot.
+    words = "|".join(w for v in shapes.VOCAB.values() for w in v)
+    forms = {re.sub(rf"\b({words})\b", "_", e["caption"]).replace("an _", "a _")
+             for e in examples}
+    assert len(forms) >= 12, forms
+
+
+def test_heldout_pairs_never_in_train_or_test_and_always_in_heldout():
+    for i in range(5):  # the cheap layout-only path agrees with the rendered examples
+        e = shapes.generate_example(1, "train", i, image_size=32)
+        assert shapes.example_objects(1, "train", i) == (e["objects"], e["relation"])
+    for split in ("train", "test"):
+        for i in range(3000):
+            objects, _ = shapes.example_objects(1, split, i)
+            assert not shapes.is_heldout(objects), (split, i, objects)
+    heldout = [shapes.generate_example(1, "heldout", i, image_size=32) for i in range(300)]
+    assert all(e["heldout"] and shapes.is_heldout(e["objects"]) for e in heldout)
+    found = {(o["color"], o["shape"]) for e in heldout for o in e["objects"]}
+    assert set(shapes.HELDOUT_PAIRS) <= found
+    # Held-out colours and shapes do occur in training, with other partners.
+    train_objects = [o for i in range(300) for o in shapes.example_objects(1, "train", i)[0]]
+    for color, shape in shapes.HELDOUT_PAIRS:
+        assert any(o["color"] == color for o in train_objects)
+        assert any(o["shape"] == shape for o in train_objects)
+
+
+def test_two_objects_follow_their_relation():
+    for i in range(400):
+        e = shapes.generate_example(2, "train", i, image_size=16)
+        if e["relation"] is None:
+            continue
+        a, b = e["objects"]
+        expected = {"left of": ("left", "right"), "right of": ("right", "left"),
+                    "above": ("top", "bottom"), "below": ("bottom", "top")}[e["relation"]]
+        assert (a["position"], b["position"]) == expected
+        assert e["relation"].split()[0] in e["caption"] or e["relation"] in e["caption"]
+
+
+def test_parser_recovers_every_caption():
+    for split in ("train", "heldout"):
+        for i in range(800):
+            e = shapes.generate_example(5, split, i, image_size=16)
+            assert shapes.parse_prompt(e["caption"]) == e["objects"], e["caption"]
+
+
+def test_parser_on_loose_prompts():
+    assert shapes.parse_prompt("A red circle.") == [
+        dict(color="red", shape="circle", size=None, position=None)]
+    assert shapes.parse_prompt("big blue square in the middle") == [
+        dict(color="blue", shape="square", size="large", position="center")]
+    two = shapes.parse_prompt("a green triangle and a yellow circle")
+    assert [(o["color"], o["shape"]) for o in two] == [("green", "triangle"), ("yellow", "circle")]
+    below = shapes.parse_prompt("a tiny purple square below an orange circle")
+    assert [(o["color"], o["size"], o["position"]) for o in below] == [
+        ("purple", "small", "bottom"), ("orange", None, "top")]
+    with pytest.raises(ValueError, match="names no colour"):
+        shapes.parse_prompt("a photo of a dog")
+
+
+def test_attribute_encoding_round_trip():
+    objects = [dict(color="orange", shape="square", size="small", position="top"),
+               dict(color="blue", shape=None, size=None, position="bottom")]
+    codes = shapes.encode_objects(objects)
+    assert codes.shape == (2, 4) and codes.dtype == np.int32
+    assert shapes.decode_attributes(codes) == objects
+    assert shapes.decode_attributes(shapes.encode_objects(objects[:1])) == objects[:1]
+
+
+def test_shapes_source_works_with_grain():
+    source = shapes.ShapesSource("test", 20, image_size=32)
+    ds = grain.MapDataset.source(source).shuffle(seed=1).batch(4)
+    batch = ds[0]
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["attributes"].shape == (4, 2, 4)
+    assert len(batch["caption"]) == 4
