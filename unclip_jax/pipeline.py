@@ -1,0 +1,486 @@
+"""The unCLIP cascade as one API: text → CLIP → prior → decoder → upsamplers → images.
+
+Every stage is also callable on its own (``encode_text``, ``prior``, ``decode``,
+``upsample``); each one's whole diffusion loop is one jitted ``lax.scan`` (the stage
+samplers of ``unclip_jax.stages``). The batch is sharded over all devices with a
+``NamedSharding`` on a 1-D ``('data',)`` mesh (the jit path that ``jax.pmap`` itself is
+built on); parameters are replicated.
+
+Randomness is per example: example ``i`` of a call draws its initial latents and
+per-step noise from ``fold_in(fold_in(PRNGKey(seed), stage), i)``. So the same seed gives
+the same images whatever the batch padding or the device count.
+
+A pipeline directory (written by :func:`save_pipeline`, read by :func:`load_pipeline`)::
+
+    pipeline.json        components present, null-text rule, sampling defaults
+    tokenizer/           CLIP tokenizer files (vocab.json, merges.txt, ...)
+    clip/                our CLIP (config.json + params/), text tower, maybe vision tower
+    prior/               config.json + params/{params, stats}
+    decoder/             config.json + params/{text_proj, unet}
+    upsampler_0/first/   config.json + params/ (and upsampler_0/last/, Karlo's last-step model)
+
+Null conditioning (classifier-free guidance): the prior and the decoder use the CLIP
+encoding of the empty prompt "" as their unconditional branch, as Karlo and diffusers do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import threading
+import time
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from unclip_jax import latent_math
+from unclip_jax.convert.common import ConversionError, load_pretrained, save_pretrained
+from unclip_jax.image_output import to_uint8
+from unclip_jax.models.clip import CLIPConfig, CLIPModel
+from unclip_jax.stages import decoder as decoder_stage
+from unclip_jax.stages import prior as prior_stage
+from unclip_jax.stages import upsampler as upsampler_stage
+from unclip_jax.tokenizer import CLIPTokenizer, load_tokenizer
+
+FORMAT = "unclip_jax.pipeline"
+VERSION = 1
+
+# Karlo / diffusers UnCLIPPipeline defaults, plus the paper's best-of-n for the prior.
+DEFAULT_SETTINGS = dict(prior_steps=25, prior_guidance=4.0, prior_clip_range=5.0, best_of_n=2,
+                        decoder_steps=25, decoder_guidance=8.0, upsampler_steps=7)
+
+# Stage ids folded into the seed so that stages never share random draws.
+_STAGE_PRIOR, _STAGE_DECODER, _STAGE_UPSAMPLER = 1, 2, 3
+
+
+class PipelineError(ValueError):
+    """Bad input or a pipeline directory that does not fit; raised before any compilation."""
+
+
+class TextEncoding(NamedTuple):
+    embed: jax.Array    # (B, D) CLIP text embedding z_t (projected, not normalised)
+    hidden: jax.Array   # (B, L, W) final per-token hidden states
+    mask: jax.Array     # (B, L) bool, True on real tokens
+
+
+@dataclasses.dataclass
+class Upsampler:
+    """One cascade step: its config and the parameters of its first n−1 steps and last step."""
+    config: dict
+    params_first: Any
+    params_last: Any = None
+
+
+# ----------------------------------------------------------------------------- timing
+
+class _CompileClock:
+    """Sums XLA backend-compile time reported by ``jax.monitoring`` inside ``measure()``."""
+
+    _lock = threading.Lock()
+    _installed = False
+    _total = 0.0
+
+    @classmethod
+    def _listener(cls, event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            cls._total += duration
+
+    @classmethod
+    @contextlib.contextmanager
+    def measure(cls) -> Iterator[dict]:
+        with cls._lock:
+            if not cls._installed:
+                jax.monitoring.register_event_duration_secs_listener(cls._listener)
+                cls._installed = True
+        out, start, wall = {}, cls._total, time.perf_counter()
+        try:
+            yield out
+        finally:
+            out["compile_s"] = cls._total - start
+            out["wall_s"] = time.perf_counter() - wall
+
+
+# ----------------------------------------------------------------------------- randomness
+
+def example_noise(key: jax.Array, indices: jax.Array, shape: tuple[int, ...], steps: int
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Per-example x_T (B, *shape) and per-step noise (steps, B, *shape) from fold_in(key, i)."""
+    def one(i):
+        k_init, k_steps = jax.random.split(jax.random.fold_in(key, i))
+        return jax.random.normal(k_init, shape), jax.random.normal(k_steps, (steps,) + shape)
+    init, noise = jax.vmap(one)(indices)
+    return init, jnp.moveaxis(noise, 1, 0)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+@dataclasses.dataclass
+class UnCLIPPipeline:
+    """The whole cascade; any stage after CLIP may be missing (the cascade stops before it).
+
+    Attributes:
+      tokenizer: the CLIP tokenizer (77 positions, pad id 0).
+      clip_config, clip_params: CLIP with a text tower (and a vision tower for variations).
+      prior_config, prior_params, prior_stats: the diffusion prior (stats: clip_mean/std).
+      decoder_config, decoder_params: the decoder ``{'text_proj', 'unet'}``.
+      upsamplers: cascade steps after the decoder, in order.
+      defaults: sampling settings used when a call does not override them.
+    """
+    tokenizer: CLIPTokenizer
+    clip_config: CLIPConfig
+    clip_params: Any
+    prior_config: dict | None = None
+    prior_params: Any = None
+    prior_stats: Any = None
+    decoder_config: dict | None = None
+    decoder_params: Any = None
+    upsamplers: list[Upsampler] = dataclasses.field(default_factory=list)
+    defaults: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SETTINGS))
+
+    def __post_init__(self):
+        self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+        self._clip = CLIPModel(self.clip_config)
+        self._encode_text = jax.jit(lambda p, ids: self._clip.apply({"params": p}, ids, None,
+                                                                    method=CLIPModel.encode_text))
+        self._encode_image = jax.jit(lambda p, px: self._clip.apply({"params": p}, px,
+                                                                    method=CLIPModel.encode_image))
+        self._replicated: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ placement
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    def _padded(self, n: int) -> int:
+        return -(-n // self.num_devices) * self.num_devices
+
+    def _shard(self, x, axis: int = 0) -> jax.Array:
+        """Places a host array (identical on every process) with its ``axis`` over 'data'."""
+        x = np.asarray(x)
+        spec = [None] * x.ndim
+        spec[axis] = "data"
+        sharding = NamedSharding(self.mesh, P(*spec))
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    def _replicate(self, name: str, tree):
+        if name not in self._replicated:
+            sharding = NamedSharding(self.mesh, P())
+            self._replicated[name] = jax.tree.map(
+                lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
+                tree)
+        return self._replicated[name]
+
+    @staticmethod
+    def _to_host(x: jax.Array, n: int) -> np.ndarray:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)[:n]
+
+    def _pad(self, x, n_to: int):
+        x = np.asarray(x)
+        if len(x) == n_to:
+            return x
+        return np.concatenate([x, np.repeat(x[-1:], n_to - len(x), axis=0)])
+
+    # ------------------------------------------------------------------ stages
+
+    def settings(self, **overrides) -> dict:
+        """The defaults updated with ``overrides``; unknown names and bad values fail here."""
+        unknown = set(overrides) - set(DEFAULT_SETTINGS)
+        if unknown:
+            raise PipelineError(f"unknown sampling setting(s) {sorted(unknown)}; known: {sorted(DEFAULT_SETTINGS)}")
+        s = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "best_of_n"):
+            if int(s[name]) < 1 or int(s[name]) != s[name]:
+                raise PipelineError(f"{name} must be a positive integer, got {s[name]!r}")
+            if name.endswith("steps") and int(s[name]) > 1000:
+                raise PipelineError(f"{name} must be at most 1000 (the training timesteps), got {s[name]}")
+        for name in ("prior_guidance", "decoder_guidance"):
+            if not 0.0 <= float(s[name]) <= 100.0:
+                raise PipelineError(f"{name} must be in [0, 100], got {s[name]!r}")
+        return s
+
+    def tokenize(self, prompts: Sequence[str]):
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise PipelineError("no prompts given")
+        if not all(isinstance(p, str) for p in prompts):
+            raise PipelineError("prompts must be strings")
+        return self.tokenizer(list(prompts))
+
+    def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
+        """Prompts → (z_t (B, D), per-token states (B, 77, W), mask (B, 77)).
+
+        The text tower runs with the causal mask only, as Karlo and diffusers do; padded
+        positions are masked by the prior and the decoder.
+        """
+        tokens = self.tokenize(prompts)
+        embed, hidden = self._encode_text(self.clip_params, jnp.asarray(tokens.input_ids))
+        return TextEncoding(embed, hidden, jnp.asarray(tokens.attention_mask))
+
+    def encode_image(self, images: Sequence[np.ndarray]) -> jax.Array:
+        """uint8 (H, W, 3) images of any size → CLIP image embeddings z_i (B, D)."""
+        from unclip_jax.clip_preprocess import preprocess_images
+        if self.clip_config.vision is None:
+            raise PipelineError("this pipeline's CLIP has no image tower; image variations need one "
+                                "(convert a full CLIP with `python -m unclip_jax.convert.clip` and pass "
+                                "it as the pipeline's clip)")
+        size = self.clip_config.vision.image_size
+        return self._encode_image(self.clip_params, jnp.asarray(preprocess_images(list(images), size=size)))
+
+    def _null_text(self) -> TextEncoding:
+        if not hasattr(self, "_null"):
+            self._null = self.encode_text([""])
+        return self._null
+
+    def prior(self, text: TextEncoding, seed: int, **overrides) -> jax.Array:
+        """Samples CLIP image embeddings z_i (B, D) for the encoded prompts."""
+        if self.prior_params is None:
+            raise PipelineError("this pipeline has no prior")
+        s = self.settings(**overrides)
+        b, d, n = text.embed.shape[0], text.embed.shape[-1], int(s["best_of_n"])
+        bp = self._padded(b)
+        init, noise = example_noise(jax.random.fold_in(jax.random.PRNGKey(seed), _STAGE_PRIOR),
+                                    jnp.arange(bp), (n, d), int(s["prior_steps"]))
+        null = self._null_text()
+        out = prior_stage.sample_prior(
+            self._replicate("prior", self.prior_params),
+            None if self.prior_stats is None else self._replicate("prior_stats", self.prior_stats),
+            self.prior_config,
+            self._shard(self._pad(text.embed, bp)), self._shard(self._pad(text.hidden, bp)),
+            self._shard(self._pad(text.mask, bp)), null.embed[0], null.hidden[0], null.mask[0], None,
+            steps=int(s["prior_steps"]), guidance_scale=float(s["prior_guidance"]),
+            clip_range=s["prior_clip_range"], best_of_n=n,
+            init_latents=self._shard(np.asarray(init if n > 1 else init[:, 0])),
+            noise=self._shard(np.asarray(noise if n > 1 else noise[:, :, 0]), axis=1))
+        return out[:b] if jax.process_count() == 1 else jnp.asarray(self._to_host(out, b))
+
+    def decode(self, image_embed: jax.Array, text: TextEncoding, seed: int, *,
+               first_index: int = 0, **overrides) -> jax.Array:
+        """Decoder: z_i (B, D) + the prompts' encodings → (B, S, S, 3) images in [−1, 1]."""
+        if self.decoder_params is None:
+            raise PipelineError("this pipeline has no decoder")
+        s = self.settings(**overrides)
+        b = image_embed.shape[0]
+        bp = self._padded(b)
+        spec = decoder_stage.decoder_spec(self.decoder_config)
+        size = spec["image_size"]
+        init, noise = example_noise(jax.random.fold_in(jax.random.PRNGKey(seed), _STAGE_DECODER),
+                                    first_index + jnp.arange(bp), (size, size, 3), int(s["decoder_steps"]))
+        null = self._null_text()
+        out = decoder_stage.sample_decoder(
+            self._replicate("decoder", self.decoder_params), self.decoder_config,
+            self._shard(self._pad(image_embed, bp)), self._shard(self._pad(text.embed, bp)),
+            self._shard(self._pad(text.hidden, bp)), self._shard(self._pad(text.mask, bp)),
+            jax.random.PRNGKey(seed),  # unused: x_T and the per-step noise are given
+            steps=int(s["decoder_steps"]), guidance_scale=float(s["decoder_guidance"]),
+            null_text_embed=null.embed, null_text_hidden=null.hidden, null_text_mask=null.mask,
+            init_latents=self._shard(np.asarray(init)), noise=self._shard(np.asarray(noise), axis=1))
+        return out[:b]
+
+    def upsample(self, images: jax.Array, seed: int, *, first_index: int = 0, **overrides) -> jax.Array:
+        """Runs every upsampler in turn on (B, s, s, 3) images in [−1, 1]."""
+        s = self.settings(**overrides)
+        b = images.shape[0]
+        bp = self._padded(b)
+        for k, up in enumerate(self.upsamplers):
+            spec = upsampler_stage.upsampler_spec(up.config)
+            size = spec["image_size"]
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _STAGE_UPSAMPLER), k)
+            init, noise = example_noise(key, first_index + jnp.arange(bp), (size, size, 3),
+                                        int(s["upsampler_steps"]))
+            params_first = self._replicate(f"up{k}_first", up.params_first)
+            params_last = (params_first if up.params_last is None
+                           else self._replicate(f"up{k}_last", up.params_last))
+            images = upsampler_stage.sample_upsampler(
+                params_first, params_last, up.config, self._shard(self._pad(np.asarray(images), bp)),
+                jax.random.PRNGKey(seed),  # unused: x_T and the per-step noise are given
+                steps=int(s["upsampler_steps"]), out_size=size,
+                init_latents=self._shard(np.asarray(init)), noise=self._shard(np.asarray(noise), axis=1))[:b]
+        return images
+
+    # ------------------------------------------------------------------ cascades
+
+    def text_to_image(self, prompts: Sequence[str], seed: int = 0, *, progress: bool = False,
+                      **overrides) -> dict[str, Any]:
+        """Prompts → uint8 images through every stage present.
+
+        Returns a dict: ``images`` uint8 (B, H, W, 3), ``image_embeds`` (B, D),
+        ``timings`` {stage: {'wall_s', 'compile_s'}}, ``settings``, ``stopped_at`` (the last
+        stage run: 'decoder' or 'upsampler_k').
+        """
+        settings = self.settings(**overrides)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.tokenize(prompts)  # input errors before any compilation
+        if self.decoder_params is None:
+            raise PipelineError("this pipeline has no decoder: it cannot make images")
+        timings: dict[str, dict] = {}
+        stages = ["clip", "prior", "decoder"] + [f"upsampler_{k}" for k in range(len(self.upsamplers))]
+        bar = _progress(stages, progress)
+        with _CompileClock.measure() as t:
+            text = self.encode_text(prompts)
+            jax.block_until_ready(text)
+        timings["clip"] = t
+        bar.update()
+        with _CompileClock.measure() as t:
+            z_i = jax.block_until_ready(self.prior(text, seed, **settings))
+        timings["prior"] = t
+        bar.update()
+        with _CompileClock.measure() as t:
+            images = jax.block_until_ready(self.decode(z_i, text, seed, **settings))
+        timings["decoder"] = t
+        bar.update()
+        if self.upsamplers:
+            with _CompileClock.measure() as t:
+                images = jax.block_until_ready(self.upsample(images, seed, **settings))
+            timings["upsamplers"] = t
+            bar.update(len(self.upsamplers))
+        bar.close()
+        return {"images": to_uint8(np.asarray(images)), "image_embeds": np.asarray(z_i),
+                "timings": timings, "settings": settings,
+                "stopped_at": stages[-1]}
+
+    def images_from_embeddings(self, image_embed: jax.Array, seed: int = 0, prompts: Sequence[str] | None = None,
+                               **overrides) -> np.ndarray:
+        """Decoder (+ upsamplers) from given CLIP image embeddings; prompts default to ""."""
+        b = image_embed.shape[0]
+        text = self.encode_text(prompts if prompts is not None else [""] * b)
+        images = self.decode(jnp.asarray(image_embed), text, seed, **overrides)
+        if self.upsamplers:
+            images = self.upsample(images, seed, **overrides)
+        return to_uint8(np.asarray(images))
+
+    def variations(self, images: Sequence[np.ndarray], seed: int = 0, num_per_image: int = 1,
+                   **overrides) -> np.ndarray:
+        """Image variations (paper §3.1): z_i = CLIP(image), decoded with fresh noise and the
+        empty prompt, as Karlo's image-variation sampler. Returns uint8 (N·num, H, W, 3)."""
+        if num_per_image < 1:
+            raise PipelineError(f"num_per_image must be >= 1, got {num_per_image}")
+        z_i = self.encode_image(images)
+        z_i = jnp.repeat(z_i, num_per_image, axis=0)
+        return self.images_from_embeddings(z_i, seed, **overrides)
+
+    def interpolate(self, a: jax.Array, b: jax.Array, num: int, seed: int = 0, **overrides) -> np.ndarray:
+        """Decodes slerp(a, b, θ) for θ in linspace(0, 1, num), with one fixed x_T (the
+        paper's Fig. 4 setting): every frame uses the same per-example noise. a, b: (D,)."""
+        if num < 2:
+            raise PipelineError(f"interpolation needs num >= 2 frames, got {num}")
+        thetas = jnp.linspace(0.0, 1.0, num)
+        z = latent_math.slerp(jnp.broadcast_to(a, (num,) + a.shape), jnp.broadcast_to(b, (num,) + b.shape), thetas)
+        return self._fixed_noise_decode(z, seed, **overrides)
+
+    def text_diff(self, image: np.ndarray, prompt: str, base_prompt: str = "a photo",
+                  thetas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), seed: int = 0,
+                  **overrides) -> np.ndarray:
+        """Text diffs (paper §3.3): z_θ = slerp(z_i, norm(z_t − z_t0), θ), x_T fixed."""
+        z_i = self.encode_image([image])[0]
+        enc = self.encode_text([prompt, base_prompt])
+        z = latent_math.text_diff(jnp.broadcast_to(z_i, (len(thetas), z_i.shape[-1])), enc.embed[0],
+                                  enc.embed[1], jnp.asarray(thetas, jnp.float32))
+        return self._fixed_noise_decode(z, seed, **overrides)
+
+    def _fixed_noise_decode(self, z: jax.Array, seed: int, **overrides) -> np.ndarray:
+        # first_index stays 0 for every frame: decode one frame per call so each uses example 0's noise.
+        text = self.encode_text([""])
+        frames = []
+        for row in z:
+            img = self.decode(row[None], text, seed, **overrides)
+            if self.upsamplers:
+                img = self.upsample(img, seed, **overrides)
+            frames.append(np.asarray(img)[0])
+        return to_uint8(np.stack(frames))
+
+
+def _progress(stages: Sequence[str], enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=len(stages), desc="cascade", unit="stage", disable=not enabled or jax.process_index() != 0)
+
+
+# ----------------------------------------------------------------------------- storage
+
+def save_pipeline(out_dir: str, pipe: UnCLIPPipeline, tokenizer_dir: str) -> None:
+    """Writes ``pipe`` as a pipeline directory (module doc); ``tokenizer_dir`` is copied."""
+    from unclip_jax.convert.prior import save_prior
+    os.makedirs(out_dir, exist_ok=True)
+    tok_out = os.path.join(out_dir, "tokenizer")
+    if os.path.abspath(tokenizer_dir) != os.path.abspath(tok_out):
+        shutil.copytree(tokenizer_dir, tok_out, dirs_exist_ok=True)
+    save_pretrained(os.path.join(out_dir, "clip"), pipe.clip_params, pipe.clip_config.to_dict())
+    components = {"tokenizer": "tokenizer", "clip": "clip"}
+    if pipe.prior_params is not None:
+        save_prior(os.path.join(out_dir, "prior"), pipe.prior_params, pipe.prior_stats or {}, pipe.prior_config)
+        components["prior"] = "prior"
+    if pipe.decoder_params is not None:
+        save_pretrained(os.path.join(out_dir, "decoder"), pipe.decoder_params, pipe.decoder_config)
+        components["decoder"] = "decoder"
+    ups = []
+    for k, up in enumerate(pipe.upsamplers):
+        entry = {"first": f"upsampler_{k}/first"}
+        save_pretrained(os.path.join(out_dir, entry["first"]), up.params_first, up.config)
+        if up.params_last is not None:
+            entry["last"] = f"upsampler_{k}/last"
+            save_pretrained(os.path.join(out_dir, entry["last"]), up.params_last, up.config)
+        ups.append(entry)
+    components["upsamplers"] = ups
+    with open(os.path.join(out_dir, "pipeline.json"), "w") as f:
+        json.dump({"format": FORMAT, "version": VERSION, "components": components,
+                   "null_text": "empty_prompt", "defaults": pipe.defaults}, f, indent=2)
+
+
+def load_pipeline(path: str) -> UnCLIPPipeline:
+    """Reads a pipeline directory; fails with a clear message on a missing or mismatched part."""
+    from unclip_jax.convert.prior import load_prior
+    manifest_path = os.path.join(path, "pipeline.json")
+    if not os.path.exists(manifest_path):
+        raise PipelineError(f"{path!r} is not a pipeline directory (no pipeline.json). Convert Karlo with "
+                            "`python -m unclip_jax.convert karlo --src=DIR --out=DIR`, or export trained "
+                            "stages with `python -m unclip_jax.export`")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise PipelineError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    comp = manifest["components"]
+    try:
+        tokenizer = load_tokenizer(os.path.join(path, comp["tokenizer"]))
+        clip_params, clip_cfg = load_pretrained(os.path.join(path, comp["clip"]))
+        pipe = UnCLIPPipeline(tokenizer, CLIPConfig.from_dict(clip_cfg), clip_params,
+                              defaults={**DEFAULT_SETTINGS, **manifest.get("defaults", {})})
+        if "prior" in comp:
+            pipe.prior_params, pipe.prior_stats, pipe.prior_config = load_prior(os.path.join(path, comp["prior"]))
+            pipe.prior_stats = pipe.prior_stats or None
+        if "decoder" in comp:
+            pipe.decoder_params, pipe.decoder_config = load_pretrained(os.path.join(path, comp["decoder"]))
+        for entry in comp.get("upsamplers", []):
+            first, cfg = load_pretrained(os.path.join(path, entry["first"]))
+            last = load_pretrained(os.path.join(path, entry["last"]))[0] if "last" in entry else None
+            pipe.upsamplers.append(Upsampler(cfg, first, last))
+    except (ConversionError, KeyError, FileNotFoundError) as e:
+        raise PipelineError(f"cannot load pipeline {path!r}: {e}") from e
+    _check_fits(pipe)
+    return pipe
+
+
+def _check_fits(pipe: UnCLIPPipeline) -> None:
+    """Checks that the stages' widths agree with CLIP's (a checkpoint that does not match)."""
+    d = pipe.clip_config.projection_dim
+    problems = []
+    if pipe.prior_config is not None:
+        model_cfg, _ = prior_stage.split_config(pipe.prior_config)
+        if model_cfg.get("embed_dim", d) != d:
+            problems.append(f"prior embed_dim {model_cfg.get('embed_dim')} != CLIP projection_dim {d}")
+    if pipe.decoder_config is not None:
+        proj = decoder_stage.decoder_spec(pipe.decoder_config)["text_proj"]
+        if proj.get("clip_embeddings_dim", d) != d:
+            problems.append(f"decoder clip_embeddings_dim {proj.get('clip_embeddings_dim')} != "
+                            f"CLIP projection_dim {d}")
+    if problems:
+        raise PipelineError("pipeline stages do not fit together: " + "; ".join(problems))
