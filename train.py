@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: config_lib.parse_flags(argv))
+    app.run(main, flags_parser=config_lib.app_flags_parser)

@@ -4,15 +4,13 @@ initial latents and per-step noise: the same images."""
 
 import contextlib
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline_fixtures import build_tiny_diffusers_unclip, torch_nchw
+from pipeline_fixtures import torch_nchw
 from unclip_jax import pipeline as pl
 
 torch = pytest.importorskip("torch")
@@ -24,15 +22,8 @@ SEED = 7
 
 
 @pytest.fixture(scope="module")
-def karlo(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("karlo"))
-    ref, src = build_tiny_diffusers_unclip(tmp)
-    out = os.path.join(tmp, "ours")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "unclip_jax.convert", "karlo", f"--src={src}", f"--out={out}"],
-                          cwd=root, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return ref, src, out
+def karlo(tiny_karlo):
+    return tiny_karlo
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ def _explain(flag_name: str, argv: Sequence[str], error: Exception) -> ConfigErr
         if not arg.startswith(prefix):
             continue
         key, _, value = arg[len(prefix):].partition("=")
-        if isinstance(error, (AttributeError, KeyError)):
+        if isinstance(error, (AttributeError, KeyError, flags.UnrecognizedFlagError)):
             leaf = key.rsplit(".", 1)[-1]
             if leaf in message or key in message:
                 hint = message.splitlines()[-1] if "\n" in message else "no such key"
@@ -75,6 +75,17 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
         raise
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise _explain(name, argv, e) from e
+
+
+def app_flags_parser(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """``app.run(main, flags_parser=app_flags_parser)``: like absl's default parser, a bad
+    flag or config key prints one line naming it (and the usage hint) and exits with 1."""
+    import sys
+    try:
+        return parse_flags(argv, flag_values)
+    except flags.Error as e:
+        sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpfull to see the flags.\n")
+        sys.exit(1)
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

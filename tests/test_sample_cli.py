@@ -1,0 +1,94 @@
+"""sample.py end to end on the converted tiny Karlo pipeline, its input checks, and the
+same images for the same seed on 1 and 8 (fake CPU) devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--prior_steps=2", "--decoder_steps=2", "--upsampler_steps=2"]
+
+
+def _run(args, env=None, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py")] + args, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_sample_writes_images_grid_and_manifest(tiny_karlo, tmp_path):
+    out = tmp_path / "out"
+    proc = _run([f"--checkpoint={tiny_karlo[2]}", "--prompt=a red horse", "--prompt=a blue square",
+                 "--num_images=2", "--seed=3", f"--out={out}"] + FAST)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.load(open(out / "manifest.json"))
+    assert [e["prompt"] for e in manifest["images"]] == ["a red horse"] * 2 + ["a blue square"] * 2
+    assert manifest["settings"]["decoder_steps"] == 2 and manifest["images"][0]["seed"] == 3
+    first = np.asarray(Image.open(out / manifest["images"][0]["file"]))
+    assert first.shape == (64, 64, 3)
+    assert os.path.exists(out / "grid.png")
+    # Two images of one prompt differ (per-example noise); compile time is reported apart.
+    second = np.asarray(Image.open(out / manifest["images"][1]["file"]))
+    assert np.abs(first.astype(int) - second.astype(int)).mean() > 1
+    assert "of which compile" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no prompt"),
+    (["--prompt=x", "--decoder_guidance=-2"], "decoder_guidance"),
+    (["--prompt=x", "--prior_steps=0"], "prior_steps"),
+    (["--prompt=x", "--decoder_steps=5000"], "decoder_steps"),
+    (["--variations_of=/no/such/image.png"], "does not exist"),
+    (["--prompt=x", "--config.decoder_stpes=3"], "unknown config key 'decoder_stpes'"),
+])
+def test_sample_rejects_bad_input(tiny_karlo, args, message):
+    proc = _run([f"--checkpoint={tiny_karlo[2]}"] + args)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "of which compile" not in proc.stderr  # failed before any sampling
+
+
+def test_sample_rejects_unreadable_image_and_bad_checkpoint(tiny_karlo, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    proc = _run([f"--checkpoint={tiny_karlo[2]}", f"--variations_of={bad}"])
+    assert proc.returncode != 0 and "cannot read image" in proc.stderr
+    proc = _run([f"--checkpoint={tmp_path}", "--prompt=x"])
+    assert proc.returncode != 0 and "not a pipeline directory" in proc.stderr
+    # A checkpoint whose stages do not fit: the prior claims another embedding width.
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_karlo[2], broken)
+    cfg_path = broken / "prior" / "config.json"
+    cfg = json.load(open(cfg_path))
+    cfg["embed_dim"] = 48
+    json.dump(cfg, open(cfg_path, "w"))
+    proc = _run([f"--checkpoint={broken}", "--prompt=x"])
+    assert proc.returncode != 0 and "do not fit" in proc.stderr, proc.stderr[-2000:]
+
+
+_DEVICES_SCRIPT = """
+import sys, numpy as np, jax
+from unclip_jax.pipeline import load_pipeline
+pipe = load_pipeline(sys.argv[1])
+assert jax.device_count() == int(sys.argv[3]), jax.device_count()
+out = pipe.text_to_image(["a red horse", "a blue square", "a small circle"], 11,
+                         prior_steps=2, decoder_steps=2, upsampler_steps=2)
+np.save(sys.argv[2], out["images"])
+"""
+
+
+def test_same_seed_same_images_on_1_and_8_devices(tiny_karlo, tmp_path):
+    results = []
+    for n in (1, 8):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        path = str(tmp_path / f"images_{n}.npy")
+        proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, tiny_karlo[2], path, str(n)], cwd=ROOT,
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(np.load(path))
+    assert results[0].shape == (3, 64, 64, 3)
+    # Batch padding differs (3 vs 8 rows) and the batch is split over devices: same pictures.
+    assert np.abs(results[0].astype(int) - results[1].astype(int)).max() <= 1
