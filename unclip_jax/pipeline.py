@@ -359,15 +359,96 @@ class UnCLIPPipeline:
             images = self.upsample(images, seed, **overrides)
         return to_uint8(np.asarray(images))
 
-    def variations(self, images: Sequence[np.ndarray], seed: int = 0, num_per_image: int = 1,
+    def variations(self, images: Sequence[np.ndarray], seed: int = 0, num_per_image: int = 1, *,
+                   invert: bool = False, eta: float = 0.8, ddim_steps: int = 50, strength: float = 1.0,
                    **overrides) -> np.ndarray:
-        """Image variations (paper §3.1): z_i = CLIP(image), decoded with fresh noise and the
-        empty prompt, as Karlo's image-variation sampler. Returns uint8 (N·num, H, W, 3)."""
+        """Image variations (paper §3.1). Returns uint8 (N·num, H, W, 3).
+
+        ``invert=False``: z_i = CLIP(image), decoded with fresh noise and the empty prompt
+        (Karlo's image-variation sampler). ``invert=True``: the paper's bipartite latent:
+        x_T = DDIM inversion of the image, then DDIM with ``eta`` > 0 from (z_i, x_T), which
+        keeps the image's layout (η = 0 reconstructs it).
+        """
         if num_per_image < 1:
             raise PipelineError(f"num_per_image must be >= 1, got {num_per_image}")
+        if not invert:
+            z_i = jnp.repeat(self.encode_image(images), num_per_image, axis=0)
+            return self.images_from_embeddings(z_i, seed, **overrides)
+        z_i, x_T = self.invert(images, steps=ddim_steps, strength=strength)
+        images_out = self.ddim_decode(jnp.repeat(z_i, num_per_image, axis=0), jnp.repeat(x_T, num_per_image, axis=0),
+                                      seed, steps=ddim_steps, eta=eta, strength=strength)
+        if self.upsamplers:
+            images_out = self.upsample(images_out, seed, **overrides)
+        return to_uint8(np.asarray(images_out))
+
+    def _decoder_model_fn(self, image_embed: jax.Array, text: TextEncoding):
+        """The conditional (unguided) decoder as f(x_t, t) -> [ε, v], and its diffusion spec."""
+        spec = decoder_stage.decoder_spec(self.decoder_config)
+        proj, unet = decoder_stage.build_models(spec)
+        params = self.decoder_params
+        context, context_mask, added = proj.apply({"params": params["text_proj"]}, image_embed, text.embed,
+                                                  text.hidden, text.mask)
+
+        def model_fn(x, t):
+            return unet.apply({"params": params["unet"]}, x, t, added_emb=added, context=context,
+                              context_mask=context_mask)
+        return model_fn, spec
+
+    def invert(self, images: Sequence[np.ndarray], *, steps: int = 50, fixed_point_iters: int = 2,
+               strength: float = 1.0) -> tuple[jax.Array, jax.Array]:
+        """DDIM inversion through the decoder (paper §3.1's bipartite latent).
+
+        Returns (z_i (N, D), x_T (N, S, S, 3)): the CLIP image embedding of each image and
+        the decoder latent that deterministic DDIM (η = 0, same ``steps``) maps back to the
+        image (resized to the decoder's resolution), conditioned on z_i and the empty prompt.
+        ``strength`` < 1 inverts only up to that fraction of the noise levels (partial
+        inversion: a less noisy x_T that keeps more of the image); decode with the same value.
+        """
+        from unclip_jax import diffusion
+        from unclip_jax.data.augment import resize
+        if self.decoder_params is None:
+            raise PipelineError("this pipeline has no decoder")
         z_i = self.encode_image(images)
-        z_i = jnp.repeat(z_i, num_per_image, axis=0)
-        return self.images_from_embeddings(z_i, seed, **overrides)
+        spec = decoder_stage.decoder_spec(self.decoder_config)
+        size = spec["image_size"]
+        x0 = jnp.stack([jnp.asarray(resize(np.asarray(im, np.float32)[None] / 127.5 - 1.0, size))[0]
+                        for im in images])
+        text = self.encode_text([""] * len(images))
+        diff = spec["diffusion"]
+        ts = _ddim_timesteps(steps, diff["num_timesteps"], strength)
+
+        @jax.jit
+        def run(z_i, x0):
+            model_fn, _ = self._decoder_model_fn(z_i, text)
+            schedule = diffusion.Schedule.create(diff["schedule"], diff["num_timesteps"])
+            return diffusion.ddim_invert(model_fn, x0, ts, schedule, prediction_type=diff["prediction_type"],
+                                         fixed_point_iters=fixed_point_iters)
+        return z_i, run(z_i, x0)
+
+    def ddim_decode(self, image_embed: jax.Array, x_T: jax.Array, seed: int = 0, *, steps: int = 50,
+                    eta: float = 0.0, strength: float = 1.0) -> jax.Array:
+        """DDIM decoding from a given x_T (N, S, S, 3), unguided, as the paper's variations:
+        η = 0 reconstructs the inverted image, η > 0 gives variations that keep its layout.
+        Returns images in [−1, 1]."""
+        from unclip_jax import diffusion
+        spec = decoder_stage.decoder_spec(self.decoder_config)
+        diff = spec["diffusion"]
+        ts = _ddim_timesteps(steps, diff["num_timesteps"], strength)
+        n = x_T.shape[0]
+        text = self.encode_text([""] * n)
+        _, noise = example_noise(jax.random.fold_in(jax.random.PRNGKey(seed), _STAGE_DECODER), jnp.arange(n),
+                                 tuple(x_T.shape[1:]), len(ts))
+
+        @jax.jit
+        def run(z_i, x_T, noise):
+            model_fn, _ = self._decoder_model_fn(z_i, text)
+            schedule = diffusion.Schedule.create(diff["schedule"], diff["num_timesteps"])
+            x0 = diffusion.ddim_sample(model_fn, x_T, ts, schedule, eta=float(eta),
+                                       prediction_type=diff["prediction_type"],
+                                       clip_range=diff.get("clip_range", 1.0),
+                                       noise=None if eta == 0 else noise)
+            return jnp.clip(x0, -1.0, 1.0)
+        return run(jnp.asarray(image_embed), jnp.asarray(x_T), noise)
 
     def interpolate(self, a: jax.Array, b: jax.Array, num: int, seed: int = 0, **overrides) -> np.ndarray:
         """Decodes slerp(a, b, θ) for θ in linspace(0, 1, num), with one fixed x_T (the
@@ -398,6 +479,16 @@ class UnCLIPPipeline:
                 img = self.upsample(img, seed, **overrides)
             frames.append(np.asarray(img)[0])
         return to_uint8(np.stack(frames))
+
+
+def _ddim_timesteps(steps: int, num_timesteps: int, strength: float) -> np.ndarray:
+    """DDIM's integer-stride timesteps (they skip the cosine schedule's t = 999, where
+    ᾱ ≈ 2e-9 makes inversion ill-conditioned), cut to the first ``strength`` of the levels."""
+    from unclip_jax import diffusion
+    if not 0.0 < strength <= 1.0:
+        raise PipelineError(f"strength must be in (0, 1], got {strength}")
+    ts = diffusion.respace(f"ddim{int(steps)}", num_timesteps)
+    return ts[ts <= strength * (num_timesteps - 1)]
 
 
 def _progress(stages: Sequence[str], enabled: bool):
