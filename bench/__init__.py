@@ -1,0 +1,1 @@
+"""Benchmark scripts (run by hand, never in CI). See bench/RESULTS.md for how to run them."""

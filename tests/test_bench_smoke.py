@@ -1,0 +1,86 @@
+"""Fast checks of the benchmark scripts' arithmetic and wiring (the timed runs are by hand).
+
+- the FLOP counter counts matmuls, convolutions and scan bodies exactly;
+- both sides of the benchmark build the same architecture: our stack from ``bench/arch.py``
+  has, component by component, the parameter count of diffusers' pipeline built from it;
+- the report turns result lines into the right ratios and target verdicts.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bench import flops, report
+
+
+def test_flop_counter_counts_matmul_conv_and_scan():
+    a = jax.ShapeDtypeStruct((3, 5, 7), jnp.float32)
+    w = jax.ShapeDtypeStruct((7, 11), jnp.float32)
+    assert flops.count_flops(lambda a, w: a @ w, a, w) == 2 * 3 * 5 * 7 * 11
+
+    x = jax.ShapeDtypeStruct((2, 9, 9, 4), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 4, 6), jnp.float32)
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert flops.count_flops(conv, x, k) == 2 * (2 * 5 * 5 * 6) * (3 * 3 * 4)
+
+    def looped(a, w):
+        def body(c, _):
+            return c, jnp.sum(jax.jit(lambda u: u @ w)(a))
+        return jax.lax.scan(body, 0.0, None, length=4)[1]
+    assert flops.count_flops(looped, a, w) == 4 * 2 * 3 * 5 * 7 * 11
+
+
+def test_our_stack_has_the_diffusers_architecture():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from bench.anchor_diffusers_unclip import build, param_counts
+    from bench.stack import count, our_configs, param_shapes
+
+    theirs = param_counts(build("tiny", torch.float32, "cpu"))
+    ours = param_shapes(our_configs("tiny", dtype="float32"))
+    d = our_configs("tiny")["prior"]["embed_dim"]
+    assert count(ours["clip"]) == theirs["text_encoder"]
+    assert count(ours["prior"]) + 2 * d == theirs["prior"]  # + clip_mean, clip_std (our stats, not params)
+    assert count(ours["decoder"]["unet"]) == theirs["decoder"]
+    assert count(ours["decoder"]["text_proj"]) == theirs["text_proj"]
+    assert count(ours["sr_first"]) == theirs["super_res_first"] == theirs["super_res_last"]
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_ratios_and_verdicts(tmp_path):
+    _write(tmp_path / "diffusers_eager.jsonl", [
+        {"kind": "sampling", "batch": 8, "images_per_s": 2.0, "peak_mem_GB": 14.0},
+        {"kind": "sampling", "batch": 32, "images_per_s": 3.0, "peak_mem_GB": 30.0}])
+    _write(tmp_path / "diffusers_compile.jsonl", [{"kind": "sampling", "batch": 8, "images_per_s": 4.0}])
+    _write(tmp_path / "ours_cold.jsonl", [
+        {"kind": "flops", "tflop_per_image": 98.0, "ceiling_images_per_s": 10.0, "device_peak_tflops": 980.0},
+        {"kind": "compile", "batch": 8, "total_s": 50.0},
+        {"kind": "sampling", "batch": 8, "images_per_s": 5.0, "peak_mem_GB": 20.0},
+        {"kind": "sampling", "batch": 32, "images_per_s": 6.3, "peak_mem_GB": 40.0},
+        {"kind": "error", "what": "sampling batch 1", "error": "boom"}])
+    _write(tmp_path / "ours_warm.jsonl", [
+        {"kind": "compile", "batch": 8, "total_s": 7.0}, {"kind": "compile", "batch": 1, "total_s": 4.5},
+        {"kind": "sampling", "batch": 8, "images_per_s": 5.0, "peak_mem_GB": 12.0},
+        {"kind": "sampling", "batch": 32, "images_per_s": 6.0, "peak_mem_GB": 29.0}])
+    _write(tmp_path / "train_prior.jsonl", [{"kind": "training", "batch": 512, "mfu": 0.45}])
+    s = report.summarize(str(tmp_path))
+    rows = {r["batch"]: r for r in s["sampling"]}
+    assert rows[32]["ratio_vs_eager"] == 2.1 and rows[8]["ratio_vs_compile"] == 1.25
+    assert rows[8]["ours_peak_mem_GB"] == 12.0  # the warm start's clean figure wins
+    assert rows[32]["fraction_of_ceiling"] == 0.63
+    t = s["targets"]
+    assert t["ours / diffusers eager fp16 at batch 32 >= 2.0"][1] == "met"
+    assert t["ours / diffusers torch.compile at batch 8 >= 1.3"][1] == "NOT met"
+    assert t["peak memory <= diffusers eager, every batch"][1] == "met"
+    assert t["compile, first run <= 60 s"] == (50.0, "met")
+    assert t["compile, second process start <= 5 s"] == (4.5, "met")
+    assert t["prior training MFU >= 50%"] == (0.45, "NOT met")
+    assert t["decoder training MFU >= 40%"][1] == "open (not measured)"
+    assert s["errors"] == [{"file": "ours_cold", "what": "sampling batch 1", "error": "boom"}]
+    assert "| 32 | 6.3 |" in report.markdown(s)
