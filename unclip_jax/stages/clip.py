@@ -8,6 +8,10 @@ number of devices (a test checks 8 fake devices against one). Do not wrap them i
 ``shard_map`` per device: that would give the local-batch loss. (With ``AxisType.Explicit``
 axes JAX refuses the batch-sharded ``zi @ zt.T``; reshard one side first.)
 
+The trainer stage ``'clip'`` (:class:`ClipStage`, at the end) trains on image-caption pairs
+(``configs/shapes_clip.py``) and evaluates zero-shot colour/shape accuracy on held-out
+captioned-shapes images (:func:`evaluate_shapes_zero_shot`).
+
 Evaluators are pure functions of encode functions (``encode_text(ids, mask) -> (B, P)``,
 ``encode_image(pixels) -> (B, P)``, e.g. from :func:`make_encoders`), so they work for
 any model or checkpoint.
@@ -15,6 +19,7 @@ any model or checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -125,6 +130,18 @@ def model_config_from(model_cfg: Mapping) -> CLIPConfig:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, **text_changes))
     if model_cfg.get("image_size"):
         cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=int(model_cfg["image_size"])))
+    # Optional size overrides (0 / absent = the variant's), for small recipes such as shapes.
+    # The prior and decoder read per-token text states of width projection_dim: keep
+    # text_width == projection_dim for them.
+    for tower, prefix in (("text", "text_"), ("vision", "vision_")):
+        changes = {k: int(model_cfg[prefix + k]) for k in ("width", "layers", "heads", "mlp_dim")
+                   if model_cfg.get(prefix + k)}
+        if tower == "vision" and model_cfg.get("patch_size"):
+            changes["patch_size"] = int(model_cfg["patch_size"])
+        if changes:
+            cfg = cfg.replace(**{tower: dataclasses.replace(getattr(cfg, tower), **changes)})
+    if model_cfg.get("projection_dim"):
+        cfg = cfg.replace(projection_dim=int(model_cfg["projection_dim"]))
     return cfg
 
 
@@ -231,3 +248,173 @@ def evaluate_retrieval(encode_image: EncodeImage, encode_text: EncodeText, token
     image_embeds = _batched(encode_image, [np.asarray(pixels)], batch_size)
     text_embeds = encode_prompts(encode_text, tokenize, captions, batch_size)
     return retrieval_recall(image_embeds, text_embeds, text_to_image, ks)
+
+
+# ----------------------------------------------------------------------------- trainer stage
+
+def build_model(config) -> CLIPModel:
+    """The ``CLIPModel`` of a stage config (``configs/shapes_clip.py``: ``model`` section)."""
+    return CLIPModel(model_config_from(config["model"]))
+
+
+@functools.lru_cache(maxsize=4)
+def _stage_tokenizer(path: str):
+    from unclip_jax.tokenizer import load_tokenizer
+    return load_tokenizer(path)
+
+
+def stage_tokenizer(config):
+    """The tokenizer of ``config.tokenizer`` (a CLIP tokenizer directory), cached."""
+    import os
+    path = config.get("tokenizer", "")
+    if not path:
+        raise ValueError("the clip stage needs config.tokenizer: a CLIP tokenizer directory (the shapes "
+                         "recipe writes one with unclip_jax.tokenizer.write_word_level_vocab)")
+    return _stage_tokenizer(os.path.abspath(path))
+
+
+def tokenize_for_model(config, captions: Sequence[str]) -> np.ndarray:
+    """Captions → (B, 77) int32 ids; fails if an id does not fit ``model.vocab_size``."""
+    ids = np.asarray(stage_tokenizer(config)([str(c) for c in captions]).input_ids, np.int32)
+    vocab = model_config_from(config["model"]).text.vocab_size
+    if ids.size and int(ids.max()) >= vocab:
+        raise ValueError(f"token id {int(ids.max())} >= model.vocab_size {vocab}: set model.vocab_size "
+                         "(and model.eos_token_id) from the tokenizer's vocab.json")
+    return ids
+
+
+def images_for_model(config, images) -> np.ndarray:
+    """uint8 (B, H, W, 3) images → CLIP-normalised pixels (B, S, S, 3), S = the vision tower's
+    image size: the same preprocessing the prior and decoder stages use when they encode."""
+    from unclip_jax.clip_preprocess import preprocess_images
+    size = model_config_from(config["model"]).vision.image_size
+    return np.asarray(preprocess_images(list(np.asarray(images)), size=size), np.float32)
+
+
+def stage_preprocess(examples, config) -> dict[str, np.ndarray]:
+    """Raw examples (``image`` uint8, ``caption`` str) → ``{'input_ids' (B, 77) int32,
+    'pixels' (B, S, S, 3) float32}``."""
+    if isinstance(examples, Mapping):
+        images, captions = examples["image"], list(examples["caption"])
+    else:
+        examples = list(examples)
+        images = np.stack([np.asarray(e["image"]) for e in examples])
+        captions = [e["caption"] for e in examples]
+    return {"input_ids": tokenize_for_model(config, captions), "pixels": images_for_model(config, images)}
+
+
+def stage_loss(params, batch: Mapping[str, jax.Array], key, config, *, train: bool = True):
+    """The contrastive loss (``config.loss.kind``) of one batch. The text tower runs with the
+    causal mask only, as the pipeline encodes prompts (the pooled EOS state is the same)."""
+    del key, train  # no dropout in CLIP
+    model = build_model(config)
+    outputs = model.apply({"params": params}, batch["input_ids"], batch["pixels"])
+    loss_cfg = config.get("loss", {})
+    return contrastive_loss(outputs, loss_cfg.get("kind", "clip"),
+                            loss_cfg.get("max_logit_scale", DEFAULT_MAX_LOGIT_SCALE))
+
+
+def single_object_examples(split: str, num: int, config, max_scan: int | None = None) -> dict:
+    """The first ``num`` one-object images of a captioned-shapes split: ``image`` uint8,
+    ``color`` and ``shape`` label indices (into ``shapes.COLORS`` / ``shapes.SHAPES``)."""
+    from unclip_jax.data import shapes
+    data = config["data"]
+    size, seed = int(data.get("image_size", 64)), int(data.get("dataset_seed", 0))
+    images, colors, kinds = [], [], []
+    for i in range(max_scan or 20 * num):
+        e = shapes.generate_example(seed, split, i, size)
+        if len(e["objects"]) != 1:
+            continue
+        images.append(e["image"])
+        colors.append(shapes.COLORS.index(e["objects"][0]["color"]))
+        kinds.append(shapes.SHAPES.index(e["objects"][0]["shape"]))
+        if len(images) == num:
+            break
+    if not images:
+        raise ValueError(f"no one-object images in the first {max_scan or 20 * num} of split {split!r}")
+    return {"image": np.stack(images), "color": np.asarray(colors), "shape": np.asarray(kinds)}
+
+
+def evaluate_shapes_zero_shot(params, config, splits: Sequence[str] | str | None = None,
+                              num: int | None = None) -> dict[str, float]:
+    """Zero-shot colour and shape top-1 accuracy on one-object images of captioned-shapes
+    splits (default ``config.eval.split``: 'heldout', where every image shows a held-out
+    colour-shape pair); keys ``zero_shot_{color,shape}_{split}`` and ``num_images``.
+
+    Colour classes are prompt-ensembled over the shapes ("a red circle", "a red square", ...)
+    and shape classes over the colours, so neither classifier is told the other attribute.
+    """
+    from unclip_jax.data import shapes
+    ev = config.get("eval", {})
+    splits = [splits] if isinstance(splits, str) else list(splits or [ev.get("split", "heldout")])
+    num = int(num or ev.get("num_examples", 200))
+    model = build_model(config)
+    encode_text, encode_image = make_encoders(model, params)  # jitted once for every split
+    tokenizer = stage_tokenizer(config)
+    out = {}
+    for split in splits:
+        examples = single_object_examples(split, num, config)
+        pixels = images_for_model(config, examples["image"])
+        for attr, classes, templates in (
+                ("color", shapes.COLORS, [f"a {{}} {s}" for s in shapes.SHAPES]),
+                ("shape", shapes.SHAPES, [f"a {c} {{}}" for c in shapes.COLORS])):
+            batches = [(pixels, examples[attr])]
+            acc = evaluate_zero_shot(encode_image, encode_text, tokenizer, batches, classes, templates, ks=(1,))
+            out[f"zero_shot_{attr}_{split}"] = acc["top1"]
+        out["num_images"] = float(len(pixels))
+    return out
+
+
+def stage_flops_per_example(config) -> float | None:
+    """Training FLOPs per image-caption pair ≈ 3 × XLA's forward count at batch 1."""
+    from unclip_jax.models.clip import dummy_inputs
+    model = build_model(config)
+    inputs = dummy_inputs(model.config)
+    params = jax.eval_shape(lambda k: model.init(k, **inputs)["params"], jax.random.key(0))
+    try:
+        cost = jax.jit(lambda p, ids, px: model.apply({"params": p}, ids, px)).lower(
+            params, inputs["input_ids"], inputs["pixels"]).cost_analysis()
+    except Exception:  # noqa: BLE001 - best effort, backend dependent
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return 3.0 * float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _register():
+    from unclip_jax.train.stage import Stage, register_stage
+
+    class ClipStage(Stage):
+        """The 'clip' stage of ``unclip_jax.train``: contrastive training on image-caption
+        pairs (``configs/shapes_clip.py``); evaluation = shapes zero-shot accuracy."""
+
+        def init_params(self, key, config):
+            model = build_model(config)
+            from unclip_jax.models.clip import dummy_inputs
+            return model.init(key, **dummy_inputs(model.config))["params"]
+
+        def loss_fn(self, params, batch, key, config, *, train):
+            return stage_loss(params, batch, key, config, train=train)
+
+        def make_source(self, config, split, process_index, process_count):
+            from unclip_jax.data import make_source
+            return make_source(config.data, split=split, process_index=process_index,
+                               process_count=process_count, seed=int(config.train.seed))
+
+        def preprocess(self, examples, config):
+            return stage_preprocess(examples, config)
+
+        def flops_per_example(self, config):
+            return stage_flops_per_example(config)
+
+        def evaluate(self, params, config):
+            return evaluate_shapes_zero_shot(params, config)
+
+    register_stage("clip", ClipStage)
+    return ClipStage
+
+
+try:  # registering needs the trainer package; the functions above do not
+    ClipStage = _register()
+except ImportError:  # pragma: no cover - a partial install without unclip_jax.train
+    ClipStage = None

@@ -1,0 +1,69 @@
+"""The decoder of the shapes recipe: P(x | z_i, caption) at 32 px.
+
+    python train.py --config=configs/shapes_decoder.py --workdir=W/decoder \
+        --config.clip.path=W/clip_model --config.clip.tokenizer=W/tokenizer
+
+``configs/decoder.py:shapes`` at 32 px and sized for a 2-core CPU: a UNet with 32/64/96
+channels (32/16/8 px), attention at 16 and 8 px, conditioned on the shapes CLIP (width 64;
+32 for ``tiny``) computed on the fly, learned-range variance with the hybrid loss,
+classifier-free guidance dropout (image 10 %, text 50 %). Variants: ``default`` (the
+recipe) and ``tiny`` (tests).
+"""
+
+import os
+
+import ml_collections
+
+_VARIANTS = ("default", "tiny")
+
+
+def _stage_config(name: str, variant: str):
+    """``configs/<name>.py``'s get_config(variant) (this directory need not be a package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_unclip_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = arg or "default"
+    if arg not in _VARIANTS:
+        raise ValueError(f"unknown configs/shapes_decoder.py variant {arg!r}; known: {', '.join(_VARIANTS)}")
+    tiny = arg == "tiny"
+    c = _stage_config("decoder", "shapes")
+    m = c.model
+    m.image_size = 32
+    u = m.unet
+    if tiny:
+        u.base_channels, u.channel_mult, u.num_res_blocks = 32, (1,), 1   # one level: fast compile
+        u.attention_levels, u.head_channels, u.context_dim = (), 16, 32  # text through mid attention
+    else:
+        u.base_channels, u.channel_mult, u.num_res_blocks = 32, (1, 2, 3), 1
+        u.attention_levels, u.head_channels, u.context_dim = (1, 2), 32, 64
+    u.time_embed_dim = 4 * u.base_channels
+    m.text_proj.clip_embeddings_dim = 32 if tiny else 64   # = the shapes CLIP's projection_dim
+    m.text_proj.time_embed_dim = u.time_embed_dim
+    m.text_proj.cross_attention_dim = u.context_dim
+
+    c.sample.steps = 5 if tiny else 25
+    c.sample.guidance_scale = 3.0
+    c.sample.num = 4 if tiny else 8
+
+    c.data.image_size = 32
+    c.data.num_examples = 200_000
+    c.data.num_eval_examples = 256
+
+    t = c.train
+    t.batch_size = 8 if tiny else 32
+    t.steps = 4 if tiny else 2500
+    t.log_every = 2 if tiny else 50
+    t.ckpt_every = 0 if tiny else 500
+    t.sample_every = 0  # sample grids compile the sampler: minutes on a CPU
+
+    o = c.optim
+    o.lr = 1e-3 if tiny else 5e-4
+    o.warmup = 1 if tiny else 100
+    o.ema_decay = 0.0 if tiny else 0.995
+    return c

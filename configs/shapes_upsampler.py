@@ -1,0 +1,58 @@
+"""The upsampler of the shapes recipe: 32 → 64 px super-resolution.
+
+    python train.py --config=configs/shapes_upsampler.py --workdir=W/upsampler
+
+``configs/upsampler.py:tiny`` as a 32→64 step: an attention-free UNet (32/64 channels),
+trained on random 32 px crops of 64 px captioned-shapes images with the blurred 32 px
+image as conditioning, sampled with 7 ancestral steps. It needs no CLIP. Variants:
+``default`` (the recipe) and ``tiny`` (tests).
+"""
+
+import os
+
+import ml_collections
+
+_VARIANTS = ("default", "tiny")
+
+
+def _stage_config(name: str, variant: str):
+    """``configs/<name>.py``'s get_config(variant) (this directory need not be a package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_unclip_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = arg or "default"
+    if arg not in _VARIANTS:
+        raise ValueError(f"unknown configs/shapes_upsampler.py variant {arg!r}; known: {', '.join(_VARIANTS)}")
+    tiny = arg == "tiny"
+    c = _stage_config("upsampler", "tiny")
+    m = c.model
+    m.image_size, m.low_res_size = 64, 32
+    m.unet.base_channels = 32
+    m.unet.channel_mult = (1,) if tiny else (1, 2)
+    m.unet.num_res_blocks = 1
+    m.unet.time_embed_dim = 4 * m.unet.base_channels
+    c.augment.crop_fraction = 0.5
+    c.sample.steps = 3 if tiny else 7
+    c.sample.num = 4
+
+    c.data.image_size = 64
+    c.data.num_examples = 200_000
+
+    t = c.train
+    t.batch_size = 8 if tiny else 16
+    t.steps = 4 if tiny else 800
+    t.log_every = 2 if tiny else 50
+    t.ckpt_every = 0 if tiny else 500
+    t.sample_every = 0
+
+    o = c.optim
+    o.lr = 1e-3 if tiny else 5e-4
+    o.warmup = 1 if tiny else 100
+    o.ema_decay = 0.0 if tiny else 0.995
+    return c

@@ -1,0 +1,112 @@
+"""The shapes recipe end to end at its ``--tiny`` size: trains clip → prior → decoder →
+upsampler for a few steps, exports a pipeline that loads and samples (also through
+``sample.py``), and writes a report with every field. Quality is not checked here (a few
+steps of tiny models); ``unclip_jax/recipe.py`` documents the real run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("clip", "prior", "decoder", "upsampler")
+
+
+@pytest.fixture(scope="module")
+def recipe_dir(tmp_path_factory):
+    from unclip_jax import recipe
+    workdir = str(tmp_path_factory.mktemp("recipe"))
+    report = recipe.run(workdir, tiny=True, num_prompts=4)
+    return workdir, report
+
+
+def test_report_has_every_field(recipe_dir):
+    workdir, report = recipe_dir
+    on_disk = json.load(open(os.path.join(workdir, "report.json")))
+    assert on_disk["tiny"] is True and on_disk["num_prompts"] == 4
+    for stage in STAGES:
+        entry = on_disk["training"][stage]
+        assert entry["steps"] == 4 and entry["batch_size"] == 8 and entry["train_s"] > 0
+    assert math.isclose(on_disk["total_training_s"], sum(on_disk["training"][s]["train_s"] for s in STAGES))
+    for key in ("zero_shot_color_heldout", "zero_shot_shape_heldout", "zero_shot_color_test",
+                "zero_shot_shape_test"):
+        assert 0.0 <= on_disk["clip"][key] <= 1.0
+    for key in ("cos_pred_image", "cos_pred_unrelated_image", "cos_pred_text", "eval_loss"):
+        assert math.isfinite(on_disk["prior"][key])
+    oracle = on_disk["oracle"]
+    assert oracle["n"] == 4 and oracle["heldout"]["n"] == 2 and oracle["seen"]["n"] == 2
+    for key in ("color", "shape", "size", "position", "count", "overall"):
+        assert 0.0 <= oracle[key] <= 1.0
+    assert set(on_disk["targets_met"]) == {"color", "shape", "size", "position", "clip_zero_shot_color",
+                                           "clip_zero_shot_shape", "prior_above_baseline"}
+    assert on_disk["sampling_s"] > 0 and on_disk["machine"]["cpu_count"] >= 1
+    assert on_disk["sampling_settings"]["decoder_steps"] == 5  # from configs/shapes_decoder.py:tiny
+    assert os.path.exists(os.path.join(workdir, "samples.png"))
+
+
+def test_exported_pipeline_loads_and_samples_64px(recipe_dir):
+    from unclip_jax.pipeline import load_pipeline
+    workdir, _ = recipe_dir
+    pipe = load_pipeline(os.path.join(workdir, "pipeline"))
+    assert pipe.prior_params is not None and pipe.decoder_params is not None and len(pipe.upsamplers) == 1
+    # The shapes tokenizer: each caption word is one token.
+    ids = pipe.tokenize(["a small purple triangle at the top"]).input_ids[0]
+    assert int(np.sum(ids != 0)) == 2 + 7
+    # As many prompts as the recipe sampled, with the default steps: its compiled samplers serve.
+    out = pipe.text_to_image(["a red circle on the left", "a blue square", "a small yellow circle",
+                              "a big orange square at the top"], seed=1)
+    assert out["images"].shape == (4, 64, 64, 3) and out["images"].dtype == np.uint8
+    assert out["stopped_at"] == "upsampler_0"
+
+
+def test_stages_are_finished_and_resumable(recipe_dir):
+    from unclip_jax import recipe
+    workdir, _ = recipe_dir
+    for stage in STAGES:
+        assert recipe._finished(os.path.join(workdir, stage), 4)
+        assert not recipe._finished(os.path.join(workdir, stage), 5)  # a longer run would continue
+
+
+def test_export_cli_rejects_wrong_directories(recipe_dir, tmp_path):
+    from unclip_jax.export import ExportError, read_stage
+    workdir, _ = recipe_dir
+    with pytest.raises(ExportError, match="not a training work directory"):
+        read_stage(str(tmp_path), "clip")
+    with pytest.raises(ExportError, match="holds a 'prior' run, expected 'decoder'"):
+        read_stage(os.path.join(workdir, "prior"), "decoder")
+
+
+def test_sample_py_runs_on_the_exported_pipeline(recipe_dir, tmp_path):
+    workdir, _ = recipe_dir
+    out = tmp_path / "samples"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), f"--checkpoint={os.path.join(workdir, 'pipeline')}",
+         "--prompt=a large green square at the bottom", "--num_images=1", f"--out={out}",
+         "--prior_steps=2", "--decoder_steps=2", "--upsampler_steps=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["images"][0]["prompt"] == "a large green square at the bottom"
+    assert np.asarray(Image.open(out / manifest["images"][0]["file"])).shape == (64, 64, 3)
+
+
+def test_vocabulary_covers_every_caption():
+    from unclip_jax.data import shapes
+    from unclip_jax.recipe import shapes_vocabulary
+    words = set(shapes_vocabulary())
+    for i in range(300):
+        caption = shapes.generate_example(0, "train", i, 16)["caption"]
+        assert set(caption.replace(",", " ").split()) <= words, caption
+
+
+def test_steps_override_parsing():
+    from unclip_jax.recipe import parse_steps
+    assert parse_steps("clip:10,decoder:20") == {"clip": 10, "decoder": 20}
+    assert parse_steps("") == {}
+    with pytest.raises(ValueError, match="STAGE:N"):
+        parse_steps("vae:10")

@@ -1,0 +1,130 @@
+"""Exports trained stages as one pipeline directory (``unclip_jax.pipeline.load_pipeline``).
+
+    python -m unclip_jax.export --clip=W/clip --prior=W/prior --decoder=W/decoder \
+        [--upsampler=W/upsampler ...] --tokenizer=W/tokenizer --out=W/pipeline
+
+Each ``--<stage>`` is a training ``--workdir`` of ``train.py``: its ``config.json`` (the
+stage config the run was started with) and ``checkpoints/`` (the EMA parameters of the
+latest step are read, or the raw ones when the run kept no EMA). ``--upsampler`` may be
+repeated: cascade order. Sampling defaults of the pipeline come from the stage configs'
+``sample`` sections (prior steps, guidance, best-of-n; decoder steps and guidance;
+upsampler steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+STAGE_NAMES = ("clip", "prior", "decoder", "upsampler")
+
+
+class ExportError(ValueError):
+    """A work directory that is not a finished run of the expected stage."""
+
+
+def read_stage(workdir: str, stage: str) -> tuple[dict, Any]:
+    """(stage config dict, EMA-or-raw params) of the training run in ``workdir``."""
+    from unclip_jax.train.checkpoint import load_params_from_train_checkpoint
+    config_path = os.path.join(workdir, "config.json")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.exists(config_path) or not os.path.isdir(ckpt_dir):
+        raise ExportError(f"{workdir!r} is not a training work directory (needs config.json and "
+                          f"checkpoints/, written by `python train.py --workdir=...`)")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("stage") != stage:
+        raise ExportError(f"{workdir!r} holds a {config.get('stage')!r} run, expected {stage!r}")
+    try:
+        params = load_params_from_train_checkpoint(ckpt_dir)
+    except FileNotFoundError as e:
+        raise ExportError(f"{workdir!r} has no checkpoint yet: {e}") from e
+    return config, params
+
+
+def clip_config_of(stage_config: dict):
+    """The ``CLIPConfig`` of a 'clip' stage config dict."""
+    from unclip_jax.stages.clip import model_config_from
+    return model_config_from(stage_config["model"])
+
+
+def sampling_defaults(prior: dict | None, decoder: dict | None, upsamplers: Sequence[dict]) -> dict:
+    """Pipeline sampling defaults from the stages' ``sample`` sections."""
+    from unclip_jax.pipeline import DEFAULT_SETTINGS
+    out = dict(DEFAULT_SETTINGS)
+    if prior and "sample" in prior:
+        s = prior["sample"]
+        out.update(prior_steps=int(s["steps"]), prior_guidance=float(s["guidance_scale"]),
+                   best_of_n=int(s["best_of_n"]))
+        if s.get("clip_range") is not None:
+            out["prior_clip_range"] = float(s["clip_range"])
+    if decoder and "sample" in decoder:
+        out.update(decoder_steps=int(decoder["sample"]["steps"]),
+                   decoder_guidance=float(decoder["sample"]["guidance_scale"]))
+    if upsamplers and "sample" in upsamplers[0]:
+        out["upsampler_steps"] = int(upsamplers[0]["sample"]["steps"])
+    return out
+
+
+def build_pipeline(clip: str, prior: str | None, decoder: str | None, upsamplers: Sequence[str],
+                   tokenizer: str):
+    """An ``UnCLIPPipeline`` from training work directories (see module doc)."""
+    from unclip_jax.pipeline import UnCLIPPipeline, Upsampler
+    from unclip_jax.tokenizer import load_tokenizer
+    if upsamplers and not decoder:
+        raise ExportError("upsamplers need a decoder")
+    if decoder and not prior:
+        raise ExportError("a decoder needs a prior (text → image embedding)")
+    clip_cfg, clip_params = read_stage(clip, "clip")
+    pipe = UnCLIPPipeline(load_tokenizer(tokenizer), clip_config_of(clip_cfg), clip_params)
+    prior_cfg = decoder_cfg = None
+    if prior:
+        prior_cfg, pipe.prior_params = read_stage(prior, "prior")
+        from unclip_jax.stages.prior import stats_from_config
+        pipe.prior_config = prior_cfg
+        pipe.prior_stats = stats_from_config(prior_cfg)
+    if decoder:
+        decoder_cfg, pipe.decoder_params = read_stage(decoder, "decoder")
+        pipe.decoder_config = decoder_cfg
+    up_cfgs = []
+    for path in upsamplers:
+        cfg, params = read_stage(path, "upsampler")
+        up_cfgs.append(cfg)
+        pipe.upsamplers.append(Upsampler(cfg, params, None))
+    pipe.defaults = sampling_defaults(prior_cfg, decoder_cfg, up_cfgs)
+    from unclip_jax.pipeline import _check_fits
+    _check_fits(pipe)
+    return pipe
+
+
+def export(out: str, clip: str, prior: str | None, decoder: str | None, upsamplers: Sequence[str],
+           tokenizer: str) -> str:
+    """Writes the pipeline directory ``out``; returns it."""
+    from unclip_jax.pipeline import save_pipeline
+    pipe = build_pipeline(clip, prior, decoder, upsamplers, tokenizer)
+    save_pipeline(out, pipe, tokenizer)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unclip_jax.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--clip", required=True, help="work directory of the clip stage")
+    parser.add_argument("--prior", help="work directory of the prior stage")
+    parser.add_argument("--decoder", help="work directory of the decoder stage")
+    parser.add_argument("--upsampler", action="append", default=[],
+                        help="work directory of an upsampler stage (repeat, in cascade order)")
+    parser.add_argument("--tokenizer", required=True, help="CLIP tokenizer directory")
+    parser.add_argument("--out", required=True, help="output pipeline directory")
+    args = parser.parse_args(argv)
+    try:
+        export(args.out, args.clip, args.prior, args.decoder, args.upsampler, args.tokenizer)
+    except ExportError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote pipeline to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""The embedded default: train the whole unCLIP stack on captioned shapes, export, score.
+
+    python -m unclip_jax.recipe --workdir=DIR [--tiny] [--num_prompts=200]
+
+Steps (each stage's training is resumable: rerun the same command after an interruption
+and finished stages are skipped, an unfinished one continues from its last checkpoint):
+
+1. ``DIR/tokenizer``: a word-level CLIP vocabulary of the dataset's words
+   (:func:`shapes_vocabulary`, ``unclip_jax.tokenizer.write_word_level_vocab``);
+2. CLIP (``configs/shapes_clip.py``) → ``DIR/clip``, exported for the next stages as
+   ``DIR/clip_model`` (our pretrained CLIP format);
+3. the prior (``configs/shapes_prior.py``), 4. the decoder (``configs/shapes_decoder.py``),
+   both encoding images and captions with that CLIP on the fly;
+5. the 32→64 upsampler (``configs/shapes_upsampler.py``);
+6. ``DIR/pipeline``: the exported pipeline (``unclip_jax.export``);
+7. evaluation: CLIP zero-shot colour/shape accuracy on held-out images, the prior's
+   cos(sampled, true z_i) on held-out captions against the unrelated-caption baseline, and
+   the pixel oracle's scores of pipeline samples for ``num_prompts`` prompts (half from the
+   'test' split, half from the 'heldout' split whose every caption names a held-out
+   colour-shape pair);
+8. ``DIR/report.json``: those scores, each stage's training time and steps, the sampling
+   time, the machine, the targets of the recipe and whether each is met.
+
+``--tiny`` uses each config's ``tiny`` variant (a few steps of tiny models: a smoke test);
+``--steps=clip:N,prior:N,...`` overrides stages' ``train.steps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+STAGES = ("clip", "prior", "decoder", "upsampler")
+
+# Issue 8's targets: oracle accuracies of pipeline samples, CLIP zero-shot on held-out images.
+TARGETS = {"color": 0.90, "shape": 0.75, "size": 0.75, "position": 0.75,
+           "clip_zero_shot_color": 0.90, "clip_zero_shot_shape": 0.90}
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+def shapes_vocabulary() -> list[str]:
+    """Every word of every caption template of ``unclip_jax.data.shapes`` and of the prompt
+    synonyms its parser understands, in a fixed order."""
+    from unclip_jax.data import shapes
+    words: list[str] = []
+    objects = [{"color": c, "shape": s, "size": z, "position": p}
+               for c in shapes.COLORS for s in shapes.SHAPES for z in shapes.SIZES for p in shapes.POSITIONS]
+    texts = []
+    for template in range(6):
+        texts += [shapes.caption_for([o], None, template) for o in objects]
+    for template in range(3):
+        for relation in shapes.RELATIONS:
+            for wording in range(2):
+                texts.append(shapes.caption_for(objects[:2], relation, template, wording))
+    for table in shapes._SYNONYMS.values():
+        texts += list(table)
+    texts += ["an", "and", "with", "on top of", "over", "under", "underneath", "beneath"]
+    for text in texts:
+        for w in re.findall(r"[a-z]+", text.lower()):
+            if w not in words:
+                words.append(w)
+    return words
+
+
+def write_tokenizer(out_dir: str) -> tuple[str, int, int]:
+    """Writes the shapes tokenizer; returns (dir, vocabulary size, <|endoftext|> id)."""
+    from unclip_jax.tokenizer import EOS_TOKEN, write_word_level_vocab
+    if not os.path.exists(os.path.join(out_dir, "vocab.json")):
+        write_word_level_vocab(shapes_vocabulary(), out_dir)
+    with open(os.path.join(out_dir, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    return out_dir, len(vocab), int(vocab[EOS_TOKEN])
+
+
+# ----------------------------------------------------------------------------- configs
+
+def parse_steps(text: str | None) -> dict[str, int]:
+    """``"clip:800,decoder:2000"`` → ``{'clip': 800, 'decoder': 2000}`` (train.steps overrides)."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition(":")
+        if name not in STAGES or not value.isdigit() or int(value) <= 0:
+            raise ValueError(f"--steps wants STAGE:N items with STAGE in {STAGES} and N > 0, got {item!r}")
+        out[name] = int(value)
+    return out
+
+
+def stage_configs(workdir: str, tiny: bool, tokenizer: tuple[str, int, int],
+                  steps: dict[str, int] | None = None) -> dict[str, Any]:
+    """The four stage configs, wired together (tokenizer, vocabulary, CLIP checkpoint)."""
+    from unclip_jax.config import load_config
+    variant = "tiny" if tiny else "default"
+    configs = {s: load_config(os.path.join(_CONFIGS, f"shapes_{s}.py:{variant}")) for s in STAGES}
+    tok_dir, vocab_size, eos = tokenizer
+    clip = configs["clip"]
+    clip.tokenizer = os.path.abspath(tok_dir)
+    clip.model.vocab_size = vocab_size
+    clip.model.eos_token_id = eos
+    for stage, n in (steps or {}).items():
+        configs[stage].train.steps = n
+    for stage in ("prior", "decoder"):
+        configs[stage].clip.path = os.path.abspath(os.path.join(workdir, "clip_model"))
+        configs[stage].clip.tokenizer = os.path.abspath(tok_dir)
+    return configs
+
+
+# ----------------------------------------------------------------------------- training
+
+def _finished(workdir: str, steps: int) -> bool:
+    from unclip_jax.train.checkpoint import Checkpointer
+    ckpt = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt):
+        return False
+    checkpointer = Checkpointer(ckpt)
+    try:
+        latest = checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+    return latest is not None and latest >= steps
+
+
+def train_stage(name: str, config, workdir: str, timings: dict, timings_path: str) -> None:
+    """Trains one stage (resuming), adding this run's wall time to ``timings[name]``."""
+    from unclip_jax.train.loop import train
+    stage_dir = os.path.join(workdir, name)
+    steps = int(config.train.steps)
+    if _finished(stage_dir, steps):
+        print(f"[recipe] {name}: already trained ({steps} steps)", file=sys.stderr, flush=True)
+        return
+    print(f"[recipe] training {name} for {steps} steps in {stage_dir}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    result = train(config, stage_dir)
+    entry = timings.setdefault(name, {"train_s": 0.0, "steps": 0})
+    entry["train_s"] += time.perf_counter() - start
+    entry["steps"] = int(result.step)
+    entry["batch_size"] = int(config.train.batch_size)
+    with open(timings_path, "w") as f:
+        json.dump(timings, f, indent=2)
+    if result.preempted:
+        raise SystemExit(143)
+
+
+def export_clip_model(workdir: str, config) -> str:
+    """``DIR/clip_model``: the CLIP stage's (EMA) parameters in our pretrained CLIP format,
+    what the prior and decoder stages encode with."""
+    from unclip_jax.convert.common import save_pretrained
+    from unclip_jax.export import clip_config_of, read_stage
+    out = os.path.join(workdir, "clip_model")
+    stage_config, params = read_stage(os.path.join(workdir, "clip"), "clip")
+    save_pretrained(out, params, clip_config_of(stage_config).to_dict())
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluation_prompts(num: int, seed: int = 1234) -> list[str]:
+    """``num`` captions: the first half from the 'test' split, the rest from 'heldout'
+    (every one names a held-out colour-shape pair). Prompts the generator never saw."""
+    from unclip_jax.data import shapes
+    n_test = num // 2
+    prompts = [shapes.generate_example(seed, "test", i, 16)["caption"] for i in range(n_test)]
+    prompts += [shapes.generate_example(seed, "heldout", i, 16)["caption"] for i in range(num - n_test)]
+    return prompts
+
+
+def evaluate_clip(workdir: str, config) -> dict[str, float]:
+    from unclip_jax.stages.clip import evaluate_shapes_zero_shot
+    from unclip_jax.export import read_stage
+    _, params = read_stage(os.path.join(workdir, "clip"), "clip")
+    return evaluate_shapes_zero_shot(params, config, splits=("heldout", "test"))
+
+
+def evaluate_prior(workdir: str, config) -> dict[str, float]:
+    from unclip_jax.export import read_stage
+    from unclip_jax.stages.prior import evaluate_stage
+    _, params = read_stage(os.path.join(workdir, "prior"), "prior")
+    config = config.copy_and_resolve_references()
+    config.eval.split = "heldout"
+    return {k: float(v) for k, v in evaluate_stage(params, config).items()}
+
+
+def sample_and_score(pipeline_dir: str, prompts: Sequence[str], seed: int = 0, chunk: int = 50,
+                     samples_png: str | None = None) -> tuple[dict, float]:
+    """Samples one image per prompt with the exported pipeline and scores them with the
+    oracle; returns (scores, wall seconds)."""
+    import numpy as np
+    from unclip_jax.data import oracle
+    from unclip_jax.pipeline import load_pipeline
+    pipe = load_pipeline(pipeline_dir)
+    start = time.perf_counter()
+    images = []
+    for i in range(0, len(prompts), chunk):
+        part = list(prompts[i:i + chunk])
+        # noise is drawn per example index within a call: another seed per chunk keeps
+        # the chunks' noise apart
+        out = pipe.text_to_image(part, seed=seed + i)
+        images.append(out["images"])
+    images = np.concatenate(images)
+    seconds = time.perf_counter() - start
+    if samples_png:
+        from PIL import Image
+        from unclip_jax.image_output import make_grid
+        Image.fromarray(np.asarray(make_grid(images[:64]))).save(samples_png)
+    return oracle.score(images, list(prompts)), seconds
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _met(report: dict) -> dict[str, bool]:
+    s, c = report["oracle"], report["clip"]
+    out = {a: bool(s[a] >= TARGETS[a]) for a in ("color", "shape", "size", "position")}
+    out["clip_zero_shot_color"] = bool(c["zero_shot_color_heldout"] >= TARGETS["clip_zero_shot_color"])
+    out["clip_zero_shot_shape"] = bool(c["zero_shot_shape_heldout"] >= TARGETS["clip_zero_shot_shape"])
+    p = report["prior"]
+    out["prior_above_baseline"] = bool(p["cos_pred_image"] > p["cos_pred_unrelated_image"] + 0.05)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def run(workdir: str, tiny: bool = False, num_prompts: int = 200, seed: int = 0,
+        steps: dict[str, int] | None = None) -> dict:
+    """The whole recipe (module doc); returns the report (also written to DIR/report.json)."""
+    import jax
+    from unclip_jax.export import export
+    os.makedirs(workdir, exist_ok=True)
+    if num_prompts < 2:
+        raise ValueError(f"num_prompts must be >= 2 (test and held-out prompts), got {num_prompts}")
+    tokenizer = write_tokenizer(os.path.join(workdir, "tokenizer"))
+    configs = stage_configs(workdir, tiny, tokenizer, steps)
+    timings_path = os.path.join(workdir, "timings.json")
+    timings = {}
+    if os.path.exists(timings_path):  # an earlier, interrupted run of the recipe
+        with open(timings_path) as f:
+            timings = json.load(f)
+
+    train_stage("clip", configs["clip"], workdir, timings, timings_path)
+    export_clip_model(workdir, configs["clip"])
+    for name in ("prior", "decoder", "upsampler"):
+        train_stage(name, configs[name], workdir, timings, timings_path)
+
+    pipeline_dir = os.path.join(workdir, "pipeline")
+    export(pipeline_dir, os.path.join(workdir, "clip"), os.path.join(workdir, "prior"),
+           os.path.join(workdir, "decoder"), [os.path.join(workdir, "upsampler")], tokenizer[0])
+    print(f"[recipe] exported the pipeline to {pipeline_dir}; evaluating", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    clip_scores = evaluate_clip(workdir, configs["clip"])
+    prior_scores = evaluate_prior(workdir, configs["prior"])
+    prompts = evaluation_prompts(num_prompts)
+    oracle_scores, sample_s = sample_and_score(pipeline_dir, prompts, seed=seed,
+                                               samples_png=os.path.join(workdir, "samples.png"))
+    report = {
+        "tiny": bool(tiny),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "jax_backend": jax.default_backend(), "devices": jax.device_count()},
+        "training": {name: timings.get(name, {}) for name in STAGES},
+        "total_training_s": float(sum(t.get("train_s", 0.0) for t in timings.values())),
+        "clip": clip_scores,
+        "prior": prior_scores,
+        "oracle": oracle_scores,
+        "num_prompts": len(prompts),
+        "sampling_s": sample_s,
+        "evaluation_s": time.perf_counter() - start,
+        "sampling_settings": _read_json(os.path.join(pipeline_dir, "pipeline.json"))["defaults"],
+        "targets": TARGETS,
+    }
+    report["targets_met"] = _met(report)
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unclip_jax.recipe", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="directory for every stage, the pipeline and report")
+    parser.add_argument("--tiny", action="store_true", help="tiny models, a few steps (smoke test)")
+    parser.add_argument("--num_prompts", type=int, default=200, help="prompts sampled and scored")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--steps", default="", help="train.steps overrides, e.g. clip:800,decoder:2000")
+    args = parser.parse_args(argv)
+    try:
+        steps = parse_steps(args.steps)
+    except ValueError as e:
+        parser.error(str(e))
+    report = run(args.workdir, tiny=args.tiny, num_prompts=args.num_prompts, seed=args.seed, steps=steps)
+    o = report["oracle"]
+    print(f"[recipe] training {report['total_training_s']:.0f} s; oracle colour {o['color']:.3f} shape "
+          f"{o['shape']:.3f} size {o['size']:.3f} position {o['position']:.3f}; report: "
+          f"{os.path.join(args.workdir, 'report.json')}")
+
+
+if __name__ == "__main__":
+    main()
