@@ -82,6 +82,10 @@ DONE=$(python3 -c "import json, sys
 try: records = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 except (OSError, ValueError): records = []
 print(','.join(str(b) for b in sorted({r['batch'] for r in records if r.get('kind') == 'sampling'})))" "$OUT/ours_cold.jsonl")
+if [[ -z "$DONE" && "$PARTS" == *" ours_warm "* ]]; then
+  echo '{"part": "ours_warm", "status": "skipped", "reason": "ours_cold finished no batch: nothing cached to load"}' >> "$OUT/parts.jsonl"
+  PARTS=${PARTS/ ours_warm / }
+fi
 WARM=${DONE:-$WARM}
 run_part ours_warm 40 120 python3 -m bench.sampling $OURS --batches $WARM --reps 1 --attention auto \
   --cache-dir "$CACHE" $EXPORTED --warm-start --out "$OUT/ours_warm.jsonl"
