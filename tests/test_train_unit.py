@@ -123,6 +123,16 @@ def test_schedule_warmup_then_cosine_and_linear():
 
 # -- train step -------------------------------------------------------------------------
 
+def test_ema_warmup_forgets_the_initialisation():
+    decays = [float(optim.ema_decay_at(s, 0.995, True)) for s in (0, 10, 190, 5000)]
+    assert decays[0] == pytest.approx(0.1) and decays[1] == pytest.approx(11 / 20)
+    assert decays[2] == pytest.approx(191 / 200) and decays[3] == pytest.approx(0.995)
+    assert float(optim.ema_decay_at(0, 0.995, False)) == pytest.approx(0.995)
+    # the weight the average still gives the initial parameters after 200 updates
+    kept = np.prod([float(optim.ema_decay_at(s, 0.995, True)) for s in range(200)])
+    assert kept < 1e-3 < 0.995 ** 200
+
+
 def test_nonfinite_step_changes_nothing_but_the_step():
     config = toy_config()
     source = ToySource(config.data.num_examples, config.data.dim)

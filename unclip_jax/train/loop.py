@@ -85,6 +85,7 @@ def make_train_step(stage: Stage, config, tx: optax.GradientTransformation,
     """
     accum = int(config.train.grad_accum)
     ema_decay = float(config.optim.ema_decay)
+    ema_warmup = bool(config.optim.get("ema_warmup", True))
 
     def loss_and_grad(params, batch, key):
         def loss(p):
@@ -123,7 +124,8 @@ def make_train_step(stage: Stage, config, tx: optax.GradientTransformation,
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = (optim.ema_update(state.ema_params, params, ema_decay)
+        decay = optim.ema_decay_at(state.step, ema_decay, ema_warmup)
+        ema = (optim.ema_update(state.ema_params, params, decay)
                if state.ema_params is not None else None)
 
         def keep_if_finite(new, old):

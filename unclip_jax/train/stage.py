@@ -26,7 +26,7 @@ Config convention — every stage config file starts from ``base_config()`` and 
   per step), skip_nonfinite, seed;
 * ``config.optim``  — lr, warmup, schedule ('cosine' | 'linear' | 'constant'),
   end_lr_factor, b1, b2, eps, weight_decay, no_decay_regex, clip_norm (0 = off),
-  ema_decay (0 = no EMA copy);
+  ema_decay (0 = no EMA copy), ema_warmup (decay ramps up from 0.1 over early steps);
 * ``config.mesh``   — data, fsdp, tensor axis sizes (one may be -1) and fsdp_min_size.
 """
 
@@ -200,6 +200,7 @@ def base_config() -> Config:
         no_decay_regex=r"(^|/)[^/]*(embed|norm)[^/]*$",
         clip_norm=1.0,        # 0 = no clipping
         ema_decay=0.9999,     # 0 = no EMA copy of the parameters
+        ema_warmup=True,      # decay min(ema_decay, (1+step)/(10+step)): forgets the init early
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2 ** 14))
     return c
