@@ -27,6 +27,9 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Images per prompt (frame
 _SEED = flags.DEFINE_integer("seed", None, "Random seed; the same seed gives the same images on any device count.")
 _OUT = flags.DEFINE_string("out", "samples", "Output directory.")
 _VARIATIONS = flags.DEFINE_string("variations_of", None, "An image file: sample variations of it.")
+_CACHE = flags.DEFINE_string("compilation_cache", None,
+                             "Persistent XLA compilation cache directory, so later runs skip compiling "
+                             "(default $UNCLIP_JAX_CACHE or ~/.cache/unclip_jax/xla; '' turns it off).")
 _INTERPOLATE = flags.DEFINE_string("interpolate", None, "'A,B': two prompts or two image files to interpolate.")
 _SHORTHANDS = {
     name: kind(name, None, help_)
@@ -112,9 +115,11 @@ def main(argv):
         if any(is_file) and not all(is_file):
             raise app.UsageError("--interpolate: give two prompts or two image files, not one of each")
 
-    from unclip_jax import parallel, pipeline  # noqa: PLC0415 - after flag checks
+    from unclip_jax import compilation_cache, parallel, pipeline  # noqa: PLC0415 - after flag checks
     parallel.init_distributed()
     import jax  # noqa: PLC0415
+    if _CACHE.value != "":
+        compilation_cache.enable(_CACHE.value)
     checkpoint = _CHECKPOINT.value or _default_checkpoint()
     try:
         pipe = pipeline.load_pipeline(checkpoint)

@@ -44,7 +44,6 @@ def make_cascade(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SA
         return clip.apply({"params": params}, ids, None, method="encode_text")
 
     def cascade(params, ids, mask, null_ids, null_mask, seed):
-        _fresh_stage_samplers()
         k_prior, k_dec, k_sr = jax.random.split(jax.random.key(seed), 3)
         text_embed, text_hidden = encode(params["clip"], ids)
         null_embed, null_hidden = encode(params["clip"], null_ids)
@@ -60,23 +59,6 @@ def make_cascade(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SA
         return jnp.clip(high * 0.5 + 0.5, 0.0, 1.0).astype(jnp.float32)
 
     return jax.jit(cascade)
-
-
-def _fresh_stage_samplers() -> None:
-    """Empties the stages' per-config sampler caches (``stages.decoder._sampler``,
-    ``stages.upsampler._sampler``) at the start of each trace of the cascade.
-
-    Those caches build the diffusion schedule (jnp arrays) when first called; called inside
-    our outer ``jit`` the arrays are tracers of that trace, and the next trace (another
-    batch size) would close over them: UnexpectedTracerError with ``jit``, or an
-    executable expecting extra arguments with ``lower().compile()``. Building them afresh
-    in every trace avoids both (a fix belongs in the stages; this keeps the benchmark
-    correct until then)."""
-    from unclip_jax.stages import decoder, upsampler
-    for module in (decoder, upsampler):
-        cached = getattr(module, "_sampler", None)
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
 
 
 class Prompts:

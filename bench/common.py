@@ -112,14 +112,8 @@ def executable_gb(compiled) -> dict[str, float] | None:
 
 def enable_compilation_cache(directory: str) -> None:
     """JAX's persistent compilation cache in ``directory``, caching every compiled program."""
-    import jax
-    os.makedirs(directory, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    try:
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    except AttributeError:  # older JAX
-        pass
+    from unclip_jax import compilation_cache
+    compilation_cache.enable(directory)
 
 
 def timing_stats(seconds: list[float], batch: int) -> dict[str, Any]:

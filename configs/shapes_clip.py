@@ -5,7 +5,7 @@
 
 (``python -m unclip_jax.recipe`` writes the tokenizer, fills these in and runs every stage.)
 
-Variants: ``default`` (the recipe's size: a 3-layer, 64-wide ViT on 32 px images with 8 px
+Variants: ``default`` (the recipe's size: a 3-layer, 64-wide ViT on 32 px images with 4 px
 patches and a 3-layer text tower, joint width 64) and ``tiny`` (2 layers, width 32: tests).
 Images are 32 px (the decoder's size), so the prior and decoder encode exactly what CLIP saw.
 Evaluation: zero-shot colour and shape accuracy on one-object held-out images.
@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.text_layers = m.vision_layers = 2 if tiny else 3
     m.text_heads = m.vision_heads = 4
     m.text_mlp_dim = m.vision_mlp_dim = 2 * width if tiny else 4 * width
-    m.patch_size = 8
+    m.patch_size = 4          # 8x8 patches: a small shape (6 px across) spans several
     m.vocab_size = 0          # 0: the variant's; the recipe sets len(vocab.json)
     m.eos_token_id = 0        # 0: the variant's; the recipe sets the <|endoftext|> id
     m.image_size = 32
@@ -47,15 +47,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = default_data_config("shapes")
     c.data.image_size = 32
     c.data.num_examples = 200_000
+    # Each item is an image and its shape twin (one object's shape changed), side by side
+    # in the batch: without such negatives CLIP matches captions by colour, size and place
+    # and stays near chance on shape (measured: 43% held-out after 1000 steps).
+    c.data.shape_twins = True
 
     c.eval = ml_collections.ConfigDict(dict(split="heldout", num_examples=32 if tiny else 300))
 
     t = c.train
-    t.batch_size = 8 if tiny else 128
-    t.steps = 4 if tiny else 800
+    t.batch_size = 8 if tiny else 64   # items: twice as many images
+    t.steps = 4 if tiny else 1000
     t.log_every = 2 if tiny else 50
     t.ckpt_every = 0 if tiny else 500
-    t.eval_every = 0 if tiny else 400
+    t.eval_every = 0 if tiny else 500
 
     o = c.optim
     o.lr = 1e-3

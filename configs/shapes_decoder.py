@@ -14,17 +14,9 @@ import os
 
 import ml_collections
 
+from unclip_jax.config import load_config
+
 _VARIANTS = ("default", "tiny")
-
-
-def _stage_config(name: str, variant: str):
-    """``configs/<name>.py``'s get_config(variant) (this directory need not be a package)."""
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_unclip_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in _VARIANTS:
         raise ValueError(f"unknown configs/shapes_decoder.py variant {arg!r}; known: {', '.join(_VARIANTS)}")
     tiny = arg == "tiny"
-    c = _stage_config("decoder", "shapes")
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "decoder.py:shapes"))
     m = c.model
     m.image_size = 32
     u = m.unet
@@ -57,13 +49,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     t = c.train
     t.batch_size = 8 if tiny else 32
-    t.steps = 4 if tiny else 2500
+    t.steps = 4 if tiny else 1200
     t.log_every = 2 if tiny else 50
     t.ckpt_every = 0 if tiny else 500
     t.sample_every = 0  # sample grids compile the sampler: minutes on a CPU
 
     o = c.optim
-    o.lr = 1e-3 if tiny else 5e-4
+    o.lr = 1e-3
     o.warmup = 1 if tiny else 100
     o.ema_decay = 0.0 if tiny else 0.995
     return c

@@ -15,17 +15,9 @@ import os
 
 import ml_collections
 
+from unclip_jax.config import load_config
+
 _VARIANTS = ("default", "tiny")
-
-
-def _stage_config(name: str, variant: str):
-    """``configs/<name>.py``'s get_config(variant) (this directory need not be a package)."""
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_unclip_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in _VARIANTS:
         raise ValueError(f"unknown configs/shapes_prior.py variant {arg!r}; known: {', '.join(_VARIANTS)}")
     tiny = arg == "tiny"
-    c = _stage_config("prior", "shapes")
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prior.py:shapes"))
 
     m = c.model
     m.embed_dim = 32 if tiny else 64        # = the shapes CLIP's projection_dim
@@ -56,13 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     t = c.train
     t.batch_size = 8 if tiny else 128
-    t.steps = 4 if tiny else 1500
+    t.steps = 4 if tiny else 500
     t.log_every = 2 if tiny else 50
     t.ckpt_every = 0 if tiny else 500
-    t.eval_every = 0 if tiny else 750
+    t.eval_every = 0 if tiny else 500
 
     o = c.optim
-    o.lr = 1e-3 if tiny else 5e-4
+    o.lr = 1e-3
     o.warmup = 1 if tiny else 100
     o.ema_decay = 0.0 if tiny else 0.995
     return c

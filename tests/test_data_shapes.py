@@ -122,3 +122,50 @@ def test_shapes_source_works_with_grain():
     batch = ds[0]
     assert batch["image"].shape == (4, 32, 32, 3) and batch["attributes"].shape == (4, 2, 4)
     assert len(batch["caption"]) == 4
+
+
+def test_shape_twins_differ_only_in_one_seen_shape():
+    source = shapes.ShapesSource("train", 200, image_size=32, seed=5, shape_twins=True)
+    unchanged = 0
+    for i in range(100):
+        item = source[i]
+        assert item["image"].shape == (2, 32, 32, 3) and len(item["caption"]) == 2
+        original = shapes.generate_example(5, "train", i, 32)
+        np.testing.assert_array_equal(item["image"][0], original["image"])
+        a, b = (shapes.decode_attributes(x) for x in item["attributes"])
+        changed = [k for k, (x, y) in enumerate(zip(a, b)) if x != y]
+        assert len(a) == len(b) and len(changed) <= 1, (a, b)
+        if not changed:  # two objects of a colour whose third shape is held out
+            unchanged += 1
+            assert len(a) == 2 and a[0]["color"] == a[1]["color"]
+            continue
+        k = changed[0]
+        assert a[k]["shape"] != b[k]["shape"]
+        assert {key: v for key, v in a[k].items() if key != "shape"} == \
+            {key: v for key, v in b[k].items() if key != "shape"}
+        assert (b[k]["color"], b[k]["shape"]) not in shapes.HELDOUT_PAIRS
+        words = [c.replace(",", " ").split() for c in item["caption"]]
+        diff = [(x, y) for x, y in zip(*words) if x != y]
+        assert len(words[0]) == len(words[1]) and diff == [(a[k]["shape"], b[k]["shape"])], item["caption"]
+        if len(a) == 1:  # one object: the image changes only where the outline does
+            differs = np.any(item["image"][0] != item["image"][1], axis=-1)
+            assert 0 < differs.mean() < 0.25
+    assert unchanged <= 3
+
+
+def test_clip_preprocess_flattens_twins_side_by_side(monkeypatch):
+    from unclip_jax.config import load_config
+    from unclip_jax.data import batches
+    from unclip_jax.stages import clip as clip_stage
+    config = load_config("configs/shapes_clip.py:tiny")
+    assert config.data.shape_twins  # the recipe's CLIP trains on twins
+    source = shapes.ShapesSource("train", 20, image_size=32, shape_twins=True)
+    raw = next(iter(batches(source, 3, seed=0)))
+    assert raw["image"].shape == (3, 2, 32, 32, 3)
+    captured = {}
+    monkeypatch.setattr(clip_stage, "tokenize_for_model",
+                        lambda cfg, captions: captured.setdefault("captions", captions))
+    out = clip_stage.stage_preprocess(raw, config)
+    assert captured["captions"] == [c for pair in raw["caption"] for c in pair]
+    np.testing.assert_array_equal(out["pixels"],
+                                  clip_stage.images_for_model(config, raw["image"].reshape(6, 32, 32, 3)))

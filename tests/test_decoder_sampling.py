@@ -119,3 +119,14 @@ def test_guided_decoder_loop_matches_unclip_pipeline(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(np.abs(np.asarray(a) - np.asarray(c)).max()) > 1e-2
     assert float(np.abs(np.asarray(a)).max()) <= 1.0
+
+    # Inside a caller's jit, first built there, then traced again for another batch size:
+    # the cached sampler must hold no tracer of the first trace.
+    import unclip_jax.stages.decoder as decoder_stage
+    decoder_stage._sampler.cache_clear()
+    outer = jax.jit(lambda p, e, t, h, m: sample_decoder(p, config, e, t, h, m, jax.random.key(1), steps=3))
+    first = outer(params, inp["image_embed"], inp["text_embed"], inp["text_hidden"], inp["text_mask"])
+    np.testing.assert_allclose(np.asarray(first), np.asarray(a), atol=1e-5)
+    second = outer(params, *(np.asarray(inp[k])[:1] for k in ("image_embed", "text_embed", "text_hidden",
+                                                               "text_mask")))
+    assert second.shape == (1, 32, 32, 3)

@@ -86,7 +86,7 @@ def test_registered_stage_loss_and_gradients(tiny):
     from unclip_jax.train.stage import get_stage
     _, batch, params = tiny
     stage = get_stage("decoder")
-    assert isinstance(stage, dec.DecoderStage)
+    assert stage is dec.DECODER_STAGE
     cfg = load_config("configs/decoder.py:tiny", ["guidance.p_drop_image=1.0"])
     fn = jax.jit(jax.value_and_grad(lambda p: stage.loss_fn(p, batch, jax.random.key(3), cfg, train=True),
                                     has_aux=True))

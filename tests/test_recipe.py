@@ -81,6 +81,34 @@ def test_export_cli_rejects_wrong_directories(recipe_dir, tmp_path):
         read_stage(os.path.join(workdir, "prior"), "decoder")
 
 
+def test_float16_export_is_compact_and_samples_alike(recipe_dir, tmp_path):
+    """The recipe exports float16 safetensors (how the package ships its default): the
+    parameters are the float32 (orbax) export's within float16 rounding, the images alike."""
+    import jax
+    from unclip_jax.export import main as export_main
+    from unclip_jax.pipeline import load_pipeline
+    workdir, _ = recipe_dir
+    shipped = os.path.join(workdir, "pipeline")
+    assert os.path.isfile(os.path.join(shipped, "decoder", "params.safetensors"))
+    assert not os.path.exists(os.path.join(shipped, "decoder", "params"))
+    out = str(tmp_path / "fp32")
+    export_main([f"--clip={workdir}/clip", f"--prior={workdir}/prior", f"--decoder={workdir}/decoder",
+                 f"--upsampler={workdir}/upsampler", f"--tokenizer={workdir}/tokenizer", f"--out={out}"])
+    assert os.path.isdir(os.path.join(out, "decoder", "params"))  # orbax by default
+    full, half = load_pipeline(out), load_pipeline(shipped)
+    for name in ("clip_params", "prior_params", "decoder_params"):
+        a, b = getattr(full, name), getattr(half, name)
+        assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b), name
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            assert np.asarray(y).dtype == np.float32
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-7)
+    prompts = ["a red circle on the left", "a blue square", "a small yellow circle",
+               "a big orange square at the top"]  # the batch another test compiled for
+    a = full.text_to_image(prompts, seed=3)["images"].astype(int)
+    b = half.text_to_image(prompts, seed=3)["images"].astype(int)
+    assert np.abs(a - b).mean() < 3.0
+
+
 def test_sample_py_runs_on_the_exported_pipeline(recipe_dir, tmp_path):
     workdir, _ = recipe_dir
     out = tmp_path / "samples"

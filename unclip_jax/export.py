@@ -101,11 +101,12 @@ def build_pipeline(clip: str, prior: str | None, decoder: str | None, upsamplers
 
 
 def export(out: str, clip: str, prior: str | None, decoder: str | None, upsamplers: Sequence[str],
-           tokenizer: str) -> str:
-    """Writes the pipeline directory ``out``; returns it."""
+           tokenizer: str, *, storage_dtype: str | None = None) -> str:
+    """Writes the pipeline directory ``out``; returns it. ``storage_dtype`` ('float16' |
+    'float32'): flat safetensors parameters in that dtype instead of orbax checkpoints."""
     from unclip_jax.pipeline import save_pipeline
     pipe = build_pipeline(clip, prior, decoder, upsamplers, tokenizer)
-    save_pipeline(out, pipe, tokenizer)
+    save_pipeline(out, pipe, tokenizer, storage_dtype=storage_dtype)
     return out
 
 
@@ -118,9 +119,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="work directory of an upsampler stage (repeat, in cascade order)")
     parser.add_argument("--tokenizer", required=True, help="CLIP tokenizer directory")
     parser.add_argument("--out", required=True, help="output pipeline directory")
+    parser.add_argument("--storage_dtype", choices=("float16", "float32"),
+                        help="store parameters as flat safetensors in this dtype (default: orbax, float32)")
     args = parser.parse_args(argv)
     try:
-        export(args.out, args.clip, args.prior, args.decoder, args.upsampler, args.tokenizer)
+        export(args.out, args.clip, args.prior, args.decoder, args.upsampler, args.tokenizer,
+               storage_dtype=args.storage_dtype)
     except ExportError as e:
         sys.exit(f"error: {e}")
     print(f"wrote pipeline to {args.out}")

@@ -498,28 +498,37 @@ def _progress(stages: Sequence[str], enabled: bool):
 
 # ----------------------------------------------------------------------------- storage
 
-def save_pipeline(out_dir: str, pipe: UnCLIPPipeline, tokenizer_dir: str) -> None:
-    """Writes ``pipe`` as a pipeline directory (module doc); ``tokenizer_dir`` is copied."""
+def save_pipeline(out_dir: str, pipe: UnCLIPPipeline, tokenizer_dir: str, *,
+                  storage_dtype: str | None = None) -> None:
+    """Writes ``pipe`` as a pipeline directory (module doc); ``tokenizer_dir`` is copied.
+
+    ``storage_dtype`` ('float16' | 'float32'): store each component's parameters as one
+    flat safetensors file in that dtype (compact; what the package ships) instead of
+    orbax checkpoints.
+    """
     from unclip_jax.convert.prior import save_prior
     os.makedirs(out_dir, exist_ok=True)
     tok_out = os.path.join(out_dir, "tokenizer")
     if os.path.abspath(tokenizer_dir) != os.path.abspath(tok_out):
         shutil.copytree(tokenizer_dir, tok_out, dirs_exist_ok=True)
-    save_pretrained(os.path.join(out_dir, "clip"), pipe.clip_params, pipe.clip_config.to_dict())
+    save_pretrained(os.path.join(out_dir, "clip"), pipe.clip_params, pipe.clip_config.to_dict(),
+                    storage_dtype=storage_dtype)
     components = {"tokenizer": "tokenizer", "clip": "clip"}
     if pipe.prior_params is not None:
-        save_prior(os.path.join(out_dir, "prior"), pipe.prior_params, pipe.prior_stats or {}, pipe.prior_config)
+        save_prior(os.path.join(out_dir, "prior"), pipe.prior_params, pipe.prior_stats or {}, pipe.prior_config,
+                   storage_dtype=storage_dtype)
         components["prior"] = "prior"
     if pipe.decoder_params is not None:
-        save_pretrained(os.path.join(out_dir, "decoder"), pipe.decoder_params, pipe.decoder_config)
+        save_pretrained(os.path.join(out_dir, "decoder"), pipe.decoder_params, pipe.decoder_config,
+                        storage_dtype=storage_dtype)
         components["decoder"] = "decoder"
     ups = []
     for k, up in enumerate(pipe.upsamplers):
         entry = {"first": f"upsampler_{k}/first"}
-        save_pretrained(os.path.join(out_dir, entry["first"]), up.params_first, up.config)
+        save_pretrained(os.path.join(out_dir, entry["first"]), up.params_first, up.config, storage_dtype=storage_dtype)
         if up.params_last is not None:
             entry["last"] = f"upsampler_{k}/last"
-            save_pretrained(os.path.join(out_dir, entry["last"]), up.params_last, up.config)
+            save_pretrained(os.path.join(out_dir, entry["last"]), up.params_last, up.config, storage_dtype=storage_dtype)
         ups.append(entry)
     components["upsamplers"] = ups
     with open(os.path.join(out_dir, "pipeline.json"), "w") as f:

@@ -12,7 +12,9 @@ and finished stages are skipped, an unfinished one continues from its last check
 3. the prior (``configs/shapes_prior.py``), 4. the decoder (``configs/shapes_decoder.py``),
    both encoding images and captions with that CLIP on the fly;
 5. the 32→64 upsampler (``configs/shapes_upsampler.py``);
-6. ``DIR/pipeline``: the exported pipeline (``unclip_jax.export``);
+6. ``DIR/pipeline``: the exported pipeline (``unclip_jax.export``) with float16
+   safetensors parameters: the form the package ships (``unclip_jax/assets``), and
+   the one the evaluation scores;
 7. evaluation: CLIP zero-shot colour/shape accuracy on held-out images, the prior's
    cos(sampled, true z_i) on held-out captions against the unrelated-caption baseline, and
    the pixel oracle's scores of pipeline samples for ``num_prompts`` prompts (half from the
@@ -189,13 +191,13 @@ def evaluate_prior(workdir: str, config) -> dict[str, float]:
 
 
 def sample_and_score(pipeline_dir: str, prompts: Sequence[str], seed: int = 0, chunk: int = 50,
-                     samples_png: str | None = None) -> tuple[dict, float]:
-    """Samples one image per prompt with the exported pipeline and scores them with the
-    oracle; returns (scores, wall seconds)."""
+                     samples_png: str | None = None, pipe=None) -> tuple[dict, float]:
+    """Samples one image per prompt with the exported pipeline (``pipe`` if already
+    loaded) and scores them with the oracle; returns (scores, wall seconds)."""
     import numpy as np
     from unclip_jax.data import oracle
     from unclip_jax.pipeline import load_pipeline
-    pipe = load_pipeline(pipeline_dir)
+    pipe = pipe if pipe is not None else load_pipeline(pipeline_dir)
     start = time.perf_counter()
     images = []
     for i in range(0, len(prompts), chunk):
@@ -253,7 +255,8 @@ def run(workdir: str, tiny: bool = False, num_prompts: int = 200, seed: int = 0,
 
     pipeline_dir = os.path.join(workdir, "pipeline")
     export(pipeline_dir, os.path.join(workdir, "clip"), os.path.join(workdir, "prior"),
-           os.path.join(workdir, "decoder"), [os.path.join(workdir, "upsampler")], tokenizer[0])
+           os.path.join(workdir, "decoder"), [os.path.join(workdir, "upsampler")], tokenizer[0],
+           storage_dtype="float16")
     print(f"[recipe] exported the pipeline to {pipeline_dir}; evaluating", file=sys.stderr, flush=True)
 
     start = time.perf_counter()

@@ -167,29 +167,69 @@ def apply_table(state: StateDict, table: Mapping[str, tuple[ParamPath, Callable]
     return converted, unused
 
 
-def save_pretrained(out_dir: str, params: Any, config: Mapping[str, Any]) -> None:
-    """Writes ``out_dir/config.json`` and the orbax checkpoint ``out_dir/params``."""
-    import orbax.checkpoint as ocp
+PARAMS_SAFETENSORS = "params.safetensors"
+
+
+def save_pretrained(out_dir: str, params: Any, config: Mapping[str, Any], *,
+                    storage_dtype: str | None = None) -> None:
+    """Writes ``out_dir/config.json`` and the parameters.
+
+    By default the parameters go to the orbax checkpoint ``out_dir/params`` (sharded
+    restores onto any device layout). With ``storage_dtype`` ('float16' or
+    'float32') they go to one flat ``out_dir/params.safetensors`` in that dtype instead:
+    the compact form the package ships its embedded model in; loading casts back to
+    float32. ``float16`` is checked against its range.
+    """
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(config), f, indent=2, sort_keys=True)
+    if storage_dtype is not None:
+        _save_flat_safetensors(os.path.join(out_dir, PARAMS_SAFETENSORS), params, storage_dtype)
+        return
+    import orbax.checkpoint as ocp
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "params"), params, force=True)
+
+
+def _save_flat_safetensors(path: str, params: Any, dtype: str) -> None:
+    import jax
+    from safetensors.numpy import save_file
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"storage_dtype must be 'float16' or 'float32', got {dtype!r}")
+    tensors = {}
+    for name, value in traverse_util.flatten_dict(jax.device_get(params), sep="/").items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating):
+            if dtype == "float16" and np.abs(value).max(initial=0.0) > np.finfo(np.float16).max:
+                raise ValueError(f"parameter {name} exceeds the float16 range; store it as float32")
+            value = value.astype(dtype)
+        tensors[name] = np.ascontiguousarray(value)
+    save_file(tensors, path, metadata={"format": "unclip_jax", "storage_dtype": dtype})
 
 
 def load_pretrained(path: str, target: Any = None) -> tuple[Any, dict]:
     """Reads a directory written by :func:`save_pretrained`: (params, config dict).
 
     ``target``: optional tree of ``jax.ShapeDtypeStruct`` with shardings to restore onto
-    a device layout; by default arrays are restored to the default device.
+    a device layout; by default arrays are restored to the default device. Parameters
+    stored as ``params.safetensors`` come back as float32 numpy arrays (``target`` is
+    then ignored: the caller places them).
     """
-    import orbax.checkpoint as ocp
     path = os.path.abspath(path)
     config = read_json(os.path.join(path, "config.json"))
+    flat_file = os.path.join(path, PARAMS_SAFETENSORS)
+    if os.path.isfile(flat_file):
+        from safetensors.numpy import load_file
+        flat = load_file(flat_file)
+        params = traverse_util.unflatten_dict({k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
+                                 for k, v in flat.items()}, sep="/")
+        return params, config
+    import orbax.checkpoint as ocp
     params_dir = os.path.join(path, "params")
     if not os.path.isdir(params_dir):
-        raise ConversionError(f"{path!r} has no params/ checkpoint; was it written by save_pretrained?")
+        raise ConversionError(f"{path!r} has no params/ checkpoint nor {PARAMS_SAFETENSORS}; "
+                              "was it written by save_pretrained?")
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(params_dir, target) if target is not None else ckptr.restore(params_dir)
     return params, config

@@ -140,14 +140,18 @@ def convert_prior(src_dir: str) -> tuple[dict, dict, dict]:
     return params, stats, config
 
 
-def save_prior(out_dir: str, params: Any, stats: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-    """Writes our pretrained prior: config.json + orbax tree ``{"params", "stats"}``."""
-    save_pretrained(out_dir, {"params": params, "stats": dict(stats)}, config)
+def save_prior(out_dir: str, params: Any, stats: Mapping[str, Any], config: Mapping[str, Any], *,
+               storage_dtype: str | None = None) -> None:
+    """Writes our pretrained prior: config.json + the tree ``{"params", "stats"}``
+    (``storage_dtype``: see :func:`~unclip_jax.convert.common.save_pretrained`)."""
+    save_pretrained(out_dir, {"params": params, "stats": dict(stats)}, config, storage_dtype=storage_dtype)
 
 
 def load_prior(path: str) -> tuple[Any, dict, dict]:
     """Reads a directory written by :func:`save_prior`: (params, stats, model config)."""
     tree, config = load_pretrained(path)
+    if isinstance(tree, Mapping) and "params" in tree and "stats" not in tree:
+        tree = {**tree, "stats": {}}  # a flat safetensors file keeps no empty subtree
     if not isinstance(tree, Mapping) or set(tree) != {"params", "stats"}:
         raise ConversionError(f"{path!r} is not a prior written by save_prior "
                               "(expected a {'params', 'stats'} tree)")

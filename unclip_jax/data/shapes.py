@@ -354,8 +354,29 @@ def example_objects(seed: int, split: str, index: int) -> tuple[list[dict], str 
     return _sample_layout(rng, split)
 
 
-def generate_example(seed: int, split: str, index: int, image_size: int = 64) -> dict[str, Any]:
+def _swap_one_shape(objects: list[dict], split: str, rng: np.random.Generator) -> None:
+    """Gives one object another shape that ``split`` allows with its colour (and that does
+    not repeat the other object's colour-shape pair); nothing else changes. Rarely no
+    object has such a shape (two objects of one colour that has a held-out pair): then
+    nothing changes at all."""
+    pool = _ALL_PAIRS if split == "heldout" else _SEEN_PAIRS
+    for k in rng.permutation(len(objects)):
+        o = objects[k]
+        taken = {(p["color"], p["shape"]) for j, p in enumerate(objects) if j != k}
+        options = [s for s in SHAPES
+                   if s != o["shape"] and (o["color"], s) in pool and (o["color"], s) not in taken]
+        if options:
+            o["shape"] = options[int(rng.integers(len(options)))]
+            return
+
+
+def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
+                     shape_twin: bool = False) -> dict[str, Any]:
     """Example ``index`` of ``split``: a pure function of its arguments.
+
+    ``shape_twin``: the same example with one object's shape changed (same colours,
+    sizes, places, background and caption wording, as far as the new outline allows): a
+    contrastive hard negative that only shape tells apart.
 
     Returns ``{'image': uint8 (S, S, 3), 'caption': str, 'objects': [{'color', 'shape',
     'size', 'position'}, ...], 'relation': str | None, 'heldout': bool}``.
@@ -368,6 +389,8 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64) ->
         raise IndexError(f"negative example index {index}")
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     objects, relation = _sample_layout(rng, split)
+    if shape_twin:  # its own stream, so the main one draws the rest exactly as for the original
+        _swap_one_shape(objects, split, np.random.default_rng([int(seed), SPLITS[split], int(index), 7]))
     for o in objects:
         o["radius"] = SIZE_RADIUS[o["size"]] * rng.uniform(1 - _RADIUS_JITTER, 1 + _RADIUS_JITTER)
     for attempt in range(9):
@@ -418,6 +441,11 @@ class ShapesSource:
     ``decode_attributes`` turns ``attributes`` back into object dicts. Usable as
     ``grain.MapDataset.source(ShapesSource(...))``.
 
+    With ``shape_twins`` every item is an example and its shape twin (see
+    ``generate_example``): 'image' (2, S, S, 3), 'caption' a pair of str, 'attributes'
+    (2, 2, 4), 'heldout' (2,); contrastive training flattens the pairs, so each caption
+    meets a negative that differs only in one shape.
+
     Args:
       split: 'train', 'test' or 'heldout'.
       num_examples: the length of the split (examples are generated on demand).
@@ -429,7 +457,7 @@ class ShapesSource:
 
     def __init__(self, split: str = "train", num_examples: int = 100_000, *,
                  image_size: int = 64, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, shape_twins: bool = False):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; choose one of {sorted(SPLITS)}")
         if num_examples <= 0:
@@ -438,6 +466,7 @@ class ShapesSource:
         self.split, self.num_examples = split, int(num_examples)
         self.image_size, self.seed = int(image_size), int(seed)
         self.process_index, self.process_count = process_index, process_count
+        self.shape_twins = bool(shape_twins)
         self.stats = {"skipped_corrupt": 0}
 
     def __len__(self) -> int:
@@ -447,10 +476,18 @@ class ShapesSource:
         index = int(index)
         if not 0 <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")
-        e = generate_example(self.seed, self.split, index, self.image_size)
+        items = [self._item(index, False)] + ([self._item(index, True)] if self.shape_twins else [])
+        if not self.shape_twins:
+            return items[0]
+        return {"image": np.stack([i["image"] for i in items]), "caption": tuple(i["caption"] for i in items),
+                "attributes": np.stack([i["attributes"] for i in items]),
+                "heldout": np.array([i["heldout"] for i in items])}
+
+    def _item(self, index: int, twin: bool) -> dict[str, Any]:
+        e = generate_example(self.seed, self.split, index, self.image_size, shape_twin=twin)
         return {"image": e["image"], "caption": e["caption"],
                 "attributes": encode_objects(e["objects"]), "heldout": np.bool_(e["heldout"])}
 
     def __repr__(self) -> str:
         return (f"ShapesSource(split={self.split!r}, num_examples={self.num_examples}, "
-                f"image_size={self.image_size}, seed={self.seed})")
+                f"image_size={self.image_size}, seed={self.seed}, shape_twins={self.shape_twins})")

@@ -113,7 +113,8 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
         name = _SHAPES_SPLITS[split]
         n = int(_get(data_config, "num_examples" if name == "train" else "num_eval_examples"))
         source = shapes.ShapesSource(name, n, image_size=image_size,
-                                     seed=int(_get(data_config, "dataset_seed")), **proc)
+                                     seed=int(_get(data_config, "dataset_seed")),
+                                     shape_twins=bool(data_config.get("shape_twins", False)), **proc)
     else:
         key = "path" if split == "train" else "eval_path"
         path = _get(data_config, key)

@@ -293,13 +293,17 @@ def images_for_model(config, images) -> np.ndarray:
 
 def stage_preprocess(examples, config) -> dict[str, np.ndarray]:
     """Raw examples (``image`` uint8, ``caption`` str) → ``{'input_ids' (B, 77) int32,
-    'pixels' (B, S, S, 3) float32}``."""
+    'pixels' (B, S, S, 3) float32}``. Shape-twin items (``data.shape_twins``: images
+    (2, S, S, 3), caption pairs) are flattened, twins side by side: B = 2 × items."""
     if isinstance(examples, Mapping):
-        images, captions = examples["image"], list(examples["caption"])
+        images, captions = np.asarray(examples["image"]), list(examples["caption"])
     else:
         examples = list(examples)
         images = np.stack([np.asarray(e["image"]) for e in examples])
         captions = [e["caption"] for e in examples]
+    if images.ndim == 5:  # (items, 2, S, S, 3) shape twins
+        images = images.reshape((-1,) + images.shape[2:])
+        captions = [c for pair in captions for c in pair]
     return {"input_ids": tokenize_for_model(config, captions), "pixels": images_for_model(config, images)}
 
 

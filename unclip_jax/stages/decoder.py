@@ -199,7 +199,10 @@ def _sampler(spec_json: str, steps: int, guided: bool, has_init: bool, has_noise
     diff = spec["diffusion"]
     size = spec["image_size"]
     timesteps = diffusion.respace(steps, diff["num_timesteps"])
-    schedule = diffusion.Schedule.create(diff["schedule"], diff["num_timesteps"])
+    # Concrete arrays even when first called inside an outer jit: this cache outlives that
+    # trace, and tracers kept in it would leak into the next one.
+    with jax.ensure_compile_time_eval():
+        schedule = diffusion.Schedule.create(diff["schedule"], diff["num_timesteps"])
 
     @jax.jit
     def run(params, image_embed, text_embed, text_hidden, text_mask, null, key, scale, init_latents, noise):
@@ -466,34 +469,15 @@ def sample_grid(params, config, key) -> np.ndarray:
 # ---------------------------------------------------------------- trainer stage
 
 def _register():
-    from unclip_jax.train.stage import Stage, register_stage
-
-    class DecoderStage(Stage):
-        """The 'decoder' stage of ``unclip_jax.train`` (module doc)."""
-
-        def init_params(self, key, config):
-            return init_params(key, config)
-
-        def loss_fn(self, params, batch, key, config, *, train):
-            return loss_fn(params, batch, key, config, train=train)
-
-        def make_source(self, config, split, process_index, process_count):
-            return make_source(config, split, process_index, process_count)
-
-        def preprocess(self, examples, config):
-            return preprocess(examples, config)
-
-        def flops_per_example(self, config):
-            return flops_per_example(config)
-
-        def sample_grid(self, params, config, key):
-            return sample_grid(params, config, key)
-
-    register_stage("decoder", DecoderStage)
-    return DecoderStage
+    from unclip_jax.train.stage import FunctionStage, register_stage
+    stage = FunctionStage(init_params=init_params, loss_fn=loss_fn, make_source=make_source,
+                          preprocess=preprocess, flops_per_example=flops_per_example,
+                          sample_grid=sample_grid)
+    register_stage("decoder", stage)
+    return stage
 
 
 try:  # registering needs the trainer package; the functions above do not
-    DecoderStage = _register()
+    DECODER_STAGE = _register()
 except ImportError:  # pragma: no cover - a partial install without unclip_jax.train
-    DecoderStage = None
+    DECODER_STAGE = None

@@ -193,7 +193,10 @@ def _sampler(spec_json: str, steps: int, out_hw: tuple[int, int], has_init: bool
     spec = json.loads(spec_json)
     unet = build_unet(spec)
     diff, smp = spec["diffusion"], spec["sample"]
-    schedule = diffusion.Schedule.create(diff["schedule"], diff["num_timesteps"])
+    # Concrete arrays even when first called inside an outer jit: this cache outlives that
+    # trace, and tracers kept in it would leak into the next one.
+    with jax.ensure_compile_time_eval():
+        schedule = diffusion.Schedule.create(diff["schedule"], diff["num_timesteps"])
     ts = diffusion.respace(steps, diff["num_timesteps"])
     final_prev = ts[-1] - 1 if smp["sampler"] == "ddpm" else -1
     prev = np.append(ts[1:], final_prev).astype(np.int32)
@@ -321,34 +324,15 @@ def flops_per_example(config) -> float:
 
 
 def _register():
-    from unclip_jax.train.stage import Stage, register_stage
-
-    class UpsamplerStage(Stage):
-        """The 'upsampler' stage of ``unclip_jax.train`` (module doc)."""
-
-        def init_params(self, key, config):
-            return init_params(key, config)
-
-        def loss_fn(self, params, batch, key, config, *, train):
-            return loss_fn(params, batch, key, config, train=train)
-
-        def make_source(self, config, split, process_index, process_count):
-            return make_source(config, split, process_index, process_count)
-
-        def preprocess(self, examples, config):
-            return preprocess(examples, config)
-
-        def flops_per_example(self, config):
-            return flops_per_example(config)
-
-        def sample_grid(self, params, config, key):
-            return sample_grid(params, config, key)
-
-    register_stage("upsampler", UpsamplerStage)
-    return UpsamplerStage
+    from unclip_jax.train.stage import FunctionStage, register_stage
+    stage = FunctionStage(init_params=init_params, loss_fn=loss_fn, make_source=make_source,
+                          preprocess=preprocess, flops_per_example=flops_per_example,
+                          sample_grid=sample_grid)
+    register_stage("upsampler", stage)
+    return stage
 
 
 try:  # registering needs the trainer package; the functions above do not
-    UpsamplerStage = _register()
+    UPSAMPLER_STAGE = _register()
 except ImportError:  # pragma: no cover - a partial install without unclip_jax.train
-    UpsamplerStage = None
+    UPSAMPLER_STAGE = None

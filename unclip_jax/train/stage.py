@@ -117,6 +117,40 @@ class Stage:
     ``train.eval_every`` steps with the EMA parameters (or the parameters without EMA)."""
 
 
+class FunctionStage(Stage):
+    """A ``Stage`` assembled from a stage module's plain functions, so that each module
+    (``unclip_jax.stages.decoder``, ...) registers itself without a delegating class:
+
+        register_stage("decoder", FunctionStage(init_params=init_params, loss_fn=loss_fn,
+                                                make_source=make_source, preprocess=preprocess))
+
+    The functions take the arguments of the ``Stage`` methods of the same names.
+    """
+
+    def __init__(self, *, init_params: Callable, loss_fn: Callable, make_source: Callable,
+                 preprocess: Callable, flops_per_example: Callable | None = None,
+                 sample_grid: Callable | None = None, evaluate: Callable | None = None):
+        self._init_params, self._loss_fn = init_params, loss_fn
+        self._make_source, self._preprocess = make_source, preprocess
+        self._flops_per_example = flops_per_example
+        self.sample_grid, self.evaluate = sample_grid, evaluate
+
+    def init_params(self, key, config: Config):
+        return self._init_params(key, config)
+
+    def loss_fn(self, params, batch, key, config: Config, *, train: bool):
+        return self._loss_fn(params, batch, key, config, train=train)
+
+    def make_source(self, config: Config, split: str, process_index: int, process_count: int):
+        return self._make_source(config, split, process_index, process_count)
+
+    def preprocess(self, examples, config: Config) -> dict[str, np.ndarray]:
+        return self._preprocess(examples, config)
+
+    def flops_per_example(self, config: Config) -> float | None:
+        return None if self._flops_per_example is None else self._flops_per_example(config)
+
+
 _REGISTRY: dict[str, Stage] = {}
 
 

@@ -1,0 +1,49 @@
+"""The model shipped inside the package (``unclip_jax/assets/shapes_pipeline``): it loads
+with no flags, and its samples for a fixed prompt set (half of them naming held-out
+colour-shape pairs) meet issue 8's oracle thresholds."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROMPTS = 48
+THRESHOLDS = {"color": 0.90, "shape": 0.75, "size": 0.75, "position": 0.75}
+
+
+@pytest.fixture(scope="module")
+def default_pipeline():
+    from unclip_jax.assets import default_checkpoint
+    from unclip_jax.pipeline import load_pipeline
+    path = default_checkpoint()
+    assert path is not None, "the package ships no default checkpoint (unclip_jax/assets/shapes_pipeline)"
+    return load_pipeline(path)
+
+
+def test_shipped_model_meets_the_oracle_thresholds(default_pipeline):
+    from unclip_jax.recipe import sample_and_score, evaluation_prompts
+    from unclip_jax.assets import default_checkpoint
+    prompts = evaluation_prompts(NUM_PROMPTS)
+    scores, _ = sample_and_score(default_checkpoint(), prompts, chunk=NUM_PROMPTS, pipe=default_pipeline)
+    assert scores["n"] == NUM_PROMPTS and scores["heldout"]["n"] == NUM_PROMPTS // 2
+    for attribute, threshold in THRESHOLDS.items():
+        assert scores[attribute] >= threshold, (attribute, scores)
+
+
+def test_sample_py_needs_only_a_prompt(tmp_path):
+    env = {**os.environ, "UNCLIP_JAX_CACHE": str(tmp_path / "xla_cache")}
+    proc = subprocess.run(  # from another directory: images go to ./samples there
+        [sys.executable, os.path.join(ROOT, "sample.py"), "--prompt=a small green triangle at the top"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.load(open(tmp_path / "samples" / "manifest.json"))
+    record = manifest["images"][0]
+    assert record["prompt"] == "a small green triangle at the top"
+    image = np.asarray(Image.open(tmp_path / "samples" / record["file"]))
+    assert image.shape == (64, 64, 3) and image.std() > 5.0  # a picture, not a flat field
+    assert os.listdir(tmp_path / "xla_cache"), "sample.py left its compiled programs in no cache"
