@@ -56,10 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     t = c.train
     t.batch_size = 8 if tiny else 64   # items: twice as many images
-    t.steps = 4 if tiny else 1000
+    t.steps = 4 if tiny else 2000
     t.log_every = 2 if tiny else 50
-    t.ckpt_every = 0 if tiny else 500
-    t.eval_every = 0 if tiny else 500
+    t.ckpt_every = 0 if tiny else 1000
+    t.eval_every = 0 if tiny else 1000
 
     o = c.optim
     o.lr = 1e-3

@@ -182,3 +182,16 @@ def test_config_builds_the_model_and_encoders_run(tokenizer):
     assert recall["text_to_image_R@5"] == 1.0  # only 3 images
     with pytest.raises(Exception, match="variant"):
         load_config("configs/clip.py:XL")
+
+
+def test_shapes_zero_shot_prompts_read_like_training_captions():
+    from unclip_jax.data import shapes
+    from unclip_jax.stages.clip import _caption_templates
+    shape_prompts = _caption_templates("shape")
+    assert len(shape_prompts) == len(shapes.COLORS) * len(shapes.SIZES) * len(shapes.POSITIONS)
+    assert all(p.count("{}") == 1 for p in shape_prompts)
+    # Filled in, each prompt is a caption the generator writes, and it parses back.
+    obj = shapes.parse_prompt(shape_prompts[0].format("triangle"))[0]
+    assert shape_prompts[0].format("triangle") == shapes.caption_for([obj], None, 0)
+    assert {o["color"] for o in (shapes.parse_prompt(p.format("circle"))[0] for p in shape_prompts)} \
+        == set(shapes.COLORS)

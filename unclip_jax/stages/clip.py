@@ -339,14 +339,30 @@ def single_object_examples(split: str, num: int, config, max_scan: int | None = 
     return {"image": np.stack(images), "color": np.asarray(colors), "shape": np.asarray(kinds)}
 
 
+def _caption_templates(attribute: str) -> list[str]:
+    """Caption template 0 of the shapes data over every value of the attributes other than
+    ``attribute``, with ``{}`` in its place: "a small {} circle on the left", ..."""
+    import itertools
+    from unclip_jax.data import shapes
+    values = {"color": shapes.COLORS, "shape": shapes.SHAPES, "size": shapes.SIZES,
+              "position": shapes.POSITIONS}
+    values[attribute] = ("{}",)
+    return [shapes.caption_for([dict(zip(values, combo))], None, 0)
+            for combo in itertools.product(*values.values())]
+
+
 def evaluate_shapes_zero_shot(params, config, splits: Sequence[str] | str | None = None,
                               num: int | None = None) -> dict[str, float]:
     """Zero-shot colour and shape top-1 accuracy on one-object images of captioned-shapes
     splits (default ``config.eval.split``: 'heldout', where every image shows a held-out
     colour-shape pair); keys ``zero_shot_{color,shape}_{split}`` and ``num_images``.
 
-    Colour classes are prompt-ensembled over the shapes ("a red circle", "a red square", ...)
-    and shape classes over the colours, so neither classifier is told the other attribute.
+    Each class is prompt-ensembled over training-style captions ("a small red circle on
+    the left") of every value of the other attributes (colour classes over shapes, sizes
+    and places; shape classes over colours, sizes and places), so neither classifier is
+    told the other attribute and every prompt reads like a training caption (bare "a red
+    circle" never occurs in training: measured 0.43 against 0.54 held-out shape accuracy
+    with these prompts on one CLIP).
     """
     from unclip_jax.data import shapes
     ev = config.get("eval", {})
@@ -359,9 +375,8 @@ def evaluate_shapes_zero_shot(params, config, splits: Sequence[str] | str | None
     for split in splits:
         examples = single_object_examples(split, num, config)
         pixels = images_for_model(config, examples["image"])
-        for attr, classes, templates in (
-                ("color", shapes.COLORS, [f"a {{}} {s}" for s in shapes.SHAPES]),
-                ("shape", shapes.SHAPES, [f"a {c} {{}}" for c in shapes.COLORS])):
+        for attr, classes, templates in (("color", shapes.COLORS, _caption_templates("color")),
+                                         ("shape", shapes.SHAPES, _caption_templates("shape"))):
             batches = [(pixels, examples[attr])]
             acc = evaluate_zero_shot(encode_image, encode_text, tokenizer, batches, classes, templates, ks=(1,))
             out[f"zero_shot_{attr}_{split}"] = acc["top1"]
