@@ -47,3 +47,7 @@ def test_sample_py_needs_only_a_prompt(tmp_path):
     image = np.asarray(Image.open(tmp_path / "samples" / record["file"]))
     assert image.shape == (64, 64, 3) and image.std() > 5.0  # a picture, not a flat field
     assert os.listdir(tmp_path / "xla_cache"), "sample.py left its compiled programs in no cache"
+    # Without --config the checkpoint's own sampling defaults stand (not Karlo's guidance 8).
+    from unclip_jax.assets import default_checkpoint
+    shipped = json.load(open(os.path.join(default_checkpoint(), "pipeline.json")))["defaults"]
+    assert {k: manifest["settings"][k] for k in shipped} == shipped
