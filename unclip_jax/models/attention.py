@@ -54,8 +54,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         implementation = "cudnn" if _cudnn_ok(q) else "xla"
     if bias is not None:
         bias = bias.astype(q.dtype)
-        # jax.nn.dot_product_attention wants a bias of rank 4 with full batch/head dims
-        # or 1s; broadcasting to the full logits shape keeps every backend happy.
-        bias = jnp.broadcast_to(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+        if implementation == "cudnn":
+            # cuDNN wants the bias's query and key lengths in full; its batch and head dims
+            # may stay 1. Keeping heads at 1 spares an H-fold (B, H, Lq, Lk) copy in memory.
+            bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal,
                                         scale=scale, implementation=implementation)
