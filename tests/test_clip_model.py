@@ -112,3 +112,31 @@ def test_siglip_bias_parameter_and_input_errors(tiny):
     assert set(clip_param_shapes(text_only)) == {"text"}
     with pytest.raises(ValueError, match="no vision tower"):
         CLIPModel(text_only).apply({"params": {"text": params["text"]}}, pixels, method="encode_image")
+
+
+def test_flat_float16_storage_round_trips_and_replaces_orbax(tmp_path):
+    """``save_pretrained(storage_dtype='float16')`` (the shipped format): ``load_clip`` reads
+    it back as float32 within float16 rounding, and each export replaces the other format
+    (a stale file would otherwise win on load)."""
+    import os
+    from unclip_jax.convert.clip import load_clip
+    from unclip_jax.convert.common import PARAMS_SAFETENSORS, load_pretrained, save_pretrained
+    config = clip_variant("tiny")
+    params = init_clip_params(config, jax.random.key(0))
+    out = str(tmp_path / "clip")
+    save_pretrained(out, params, config.to_dict(), storage_dtype="float16")
+    loaded_config, loaded = load_clip(out)
+    assert loaded_config == config and not os.path.exists(os.path.join(out, "params"))
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(b, np.asarray(a), rtol=1e-3, atol=1e-7)
+    doubled = jax.tree_util.tree_map(lambda x: 2 * x, params)
+    save_pretrained(out, doubled, config.to_dict())          # orbax, float32: replaces the flat file
+    assert not os.path.exists(os.path.join(out, PARAMS_SAFETENSORS))
+    again, _ = load_pretrained(out)
+    for a, b in zip(jax.tree_util.tree_leaves(doubled), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    save_pretrained(out, params, config.to_dict(), storage_dtype="float16")
+    assert not os.path.exists(os.path.join(out, "params"))
+    with pytest.raises(ValueError, match="storage_dtype"):
+        save_pretrained(out, params, config.to_dict(), storage_dtype="bfloat16")

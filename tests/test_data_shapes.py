@@ -169,3 +169,8 @@ def test_clip_preprocess_flattens_twins_side_by_side(monkeypatch):
     assert captured["captions"] == [c for pair in raw["caption"] for c in pair]
     np.testing.assert_array_equal(out["pixels"],
                                   clip_stage.images_for_model(config, raw["image"].reshape(6, 32, 32, 3)))
+    # Microbatches take every A-th row: they would part the twins, so that fails loudly.
+    with pytest.raises(ValueError, match="grad_accum"):
+        clip_stage.stage_preprocess(raw, load_config("configs/shapes_clip.py:tiny", ["train.grad_accum=2"]))
+    with pytest.raises(ValueError, match="heldout"):
+        shapes.ShapesSource("heldout", 10, shape_twins=True)

@@ -116,7 +116,8 @@ def test_sample_py_runs_on_the_exported_pipeline(recipe_dir, tmp_path):
         [sys.executable, os.path.join(ROOT, "sample.py"), f"--checkpoint={os.path.join(workdir, 'pipeline')}",
          "--prompt=a large green square at the bottom", "--num_images=1", f"--out={out}",
          "--prior_steps=2", "--decoder_steps=2", "--upsampler_steps=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env={**os.environ, "UNCLIP_JAX_CACHE": str(tmp_path / "xla_cache")},
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["images"][0]["prompt"] == "a large green square at the bottom"

@@ -15,8 +15,9 @@ FAST = ["--prior_steps=2", "--decoder_steps=2", "--upsampler_steps=2"]
 
 
 def _run(args, env=None, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py")] + args, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    # no persistent compilation cache: the tests leave nothing in ~/.cache
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--compilation_cache="] + args,
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_sample_writes_images_grid_and_manifest(tiny_karlo, tmp_path):

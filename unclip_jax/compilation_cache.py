@@ -17,8 +17,9 @@ def default_directory() -> str:
 
 def enable(directory: str | None = None) -> str:
     """Caches every compiled program in ``directory`` (default :func:`default_directory`)
-    and returns it. Entries are keyed by the program, the JAX/XLA version and the device,
-    so a stale or foreign entry is never used, only recompiled."""
+    and returns it. Entries are keyed by the program, the JAX/XLA version and the device
+    kind, so a new JAX or another accelerator recompiles; on CPU the key does not name the
+    instruction set, so do not share one directory between different CPU machines."""
     import jax
     directory = os.path.abspath(directory or default_directory())
     os.makedirs(directory, exist_ok=True)

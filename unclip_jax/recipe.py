@@ -198,9 +198,10 @@ def sample_and_score(pipeline_dir: str, prompts: Sequence[str], seed: int = 0, c
     from unclip_jax.data import oracle
     from unclip_jax.pipeline import load_pipeline
     pipe = pipe if pipe is not None else load_pipeline(pipeline_dir)
+    from tqdm.auto import tqdm
     start = time.perf_counter()
     images = []
-    for i in range(0, len(prompts), chunk):
+    for i in tqdm(range(0, len(prompts), chunk), desc="sampling", unit="batch"):
         part = list(prompts[i:i + chunk])
         # noise is drawn per example index within a call: another seed per chunk keeps
         # the chunks' noise apart

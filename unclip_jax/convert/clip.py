@@ -36,9 +36,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from unclip_jax.convert.common import (ConversionError, StateDict, apply_table, assemble, conv2d,
-                                       identity, linear, load_pretrained, load_state_dict, read_json,
-                                       save_pretrained)
+from unclip_jax.convert.common import (PARAMS_SAFETENSORS, ConversionError, StateDict, apply_table,
+                                       assemble, conv2d, identity, linear, load_pretrained,
+                                       load_state_dict, read_json, save_pretrained)
 from unclip_jax.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, clip_param_shapes
 
 # transformers' defaults (CLIPTextConfig / CLIPVisionConfig / CLIPConfig), for keys that a
@@ -371,12 +371,13 @@ def load_clip(path: str, target: Any = None) -> tuple[CLIPConfig, dict]:
     with ``{'params': params}``. ``target`` (see ``common.load_pretrained``) restores onto
     a device layout.
     """
-    if os.path.isdir(os.path.join(path, "params")):
+    if os.path.isdir(os.path.join(path, "params")) or os.path.isfile(os.path.join(path, PARAMS_SAFETENSORS)):
         params, cfg = load_pretrained(path, target)
         return CLIPConfig.from_dict(cfg), params
     if os.path.exists(os.path.join(path, "config.json")):
         return load_hf(path)
-    raise ConversionError(f"{path!r} is neither our pretrained CLIP (config.json + params/) nor a "
+    raise ConversionError(f"{path!r} is neither our pretrained CLIP (config.json + params/ or "
+                          f"{PARAMS_SAFETENSORS}) nor a "
                           f"transformers CLIP directory; {_DOWNLOAD_HINT}")
 
 

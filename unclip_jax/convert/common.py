@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -184,9 +185,16 @@ def save_pretrained(out_dir: str, params: Any, config: Mapping[str, Any], *,
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(config), f, indent=2, sort_keys=True)
+    # One format per directory: load_pretrained prefers the flat file, so a stale one from
+    # an earlier export must not outlive this one (nor a stale orbax tree a flat export).
+    flat_file, orbax_dir = os.path.join(out_dir, PARAMS_SAFETENSORS), os.path.join(out_dir, "params")
     if storage_dtype is not None:
-        _save_flat_safetensors(os.path.join(out_dir, PARAMS_SAFETENSORS), params, storage_dtype)
+        if os.path.isdir(orbax_dir):
+            shutil.rmtree(orbax_dir)
+        _save_flat_safetensors(flat_file, params, storage_dtype)
         return
+    if os.path.exists(flat_file):
+        os.remove(flat_file)
     import orbax.checkpoint as ocp
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "params"), params, force=True)

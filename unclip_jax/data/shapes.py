@@ -375,8 +375,9 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
     """Example ``index`` of ``split``: a pure function of its arguments.
 
     ``shape_twin``: the same example with one object's shape changed (same colours,
-    sizes, places, background and caption wording, as far as the new outline allows): a
-    contrastive hard negative that only shape tells apart.
+    sizes, places, background and caption wording): a contrastive hard negative that only
+    shape tells apart. Rarely (under 1 % of two-object twins) the new outline needs
+    another placement attempt, and the rest of the picture is drawn afresh.
 
     Returns ``{'image': uint8 (S, S, 3), 'caption': str, 'objects': [{'color', 'shape',
     'size', 'position'}, ...], 'relation': str | None, 'heldout': bool}``.
@@ -462,6 +463,8 @@ class ShapesSource:
             raise ValueError(f"unknown shapes split {split!r}; choose one of {sorted(SPLITS)}")
         if num_examples <= 0:
             raise ValueError(f"shapes num_examples must be positive, got {num_examples}")
+        if shape_twins and split == "heldout":  # a twin could lose its held-out pair
+            raise ValueError("shape_twins are for training splits, not 'heldout'")
         generate_example(seed, split, 0, image_size)  # validates image_size early
         self.split, self.num_examples = split, int(num_examples)
         self.image_size, self.seed = int(image_size), int(seed)

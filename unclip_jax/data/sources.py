@@ -20,6 +20,7 @@ num_examples        100_000     shapes: length of the 'train' split
 num_eval_examples   2_000       shapes: length of the 'test' and 'heldout' splits
 dataset_seed        0           shapes: which images exist (not the shuffling seed)
 require_hidden      True        embeddings: text_hidden/text_mask must exist
+shape_twins         False       shapes, train split: each item = an image + its shape twin
 ==================  ==========  ==================================================
 
 Splits: shapes has 'train', 'test' (alias 'eval', 'val', 'validation') and 'heldout'
@@ -74,6 +75,7 @@ def default_data_config(kind: str = "shapes") -> ml_collections.ConfigDict:
         num_eval_examples=2_000,
         dataset_seed=0,
         require_hidden=True,
+        shape_twins=False,
     ))
 
 
@@ -105,6 +107,9 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
     if image_size <= 0:
         raise ConfigError(f"data.image_size={image_size} must be positive")
     proc = dict(process_index=process_index, process_count=process_count)
+    twins = bool(_get(data_config, "shape_twins"))
+    if twins and kind != "shapes":
+        raise ConfigError(f"data.shape_twins needs data.kind='shapes', not {kind!r}")
 
     if kind == "shapes":
         if split not in _SHAPES_SPLITS:
@@ -114,7 +119,7 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
         n = int(_get(data_config, "num_examples" if name == "train" else "num_eval_examples"))
         source = shapes.ShapesSource(name, n, image_size=image_size,
                                      seed=int(_get(data_config, "dataset_seed")),
-                                     shape_twins=bool(data_config.get("shape_twins", False)), **proc)
+                                     shape_twins=twins and name == "train", **proc)
     else:
         key = "path" if split == "train" else "eval_path"
         path = _get(data_config, key)

@@ -57,6 +57,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         if implementation == "cudnn":
             # cuDNN wants the bias's query and key lengths in full; its batch and head dims
             # may stay 1. Keeping heads at 1 spares an H-fold (B, H, Lq, Lk) copy in memory.
+            bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
             bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal,
                                         scale=scale, implementation=implementation)

@@ -302,6 +302,10 @@ def stage_preprocess(examples, config) -> dict[str, np.ndarray]:
         images = np.stack([np.asarray(e["image"]) for e in examples])
         captions = [e["caption"] for e in examples]
     if images.ndim == 5:  # (items, 2, S, S, 3) shape twins
+        if int(config.get("train", {}).get("grad_accum", 1)) > 1:
+            # microbatch a takes rows a, a+A, ...: it would part every twin from its pair
+            raise ValueError("data.shape_twins does not work with train.grad_accum > 1 "
+                             "(the microbatches would split the twins)")
         images = images.reshape((-1,) + images.shape[2:])
         captions = [c for pair in captions for c in pair]
     return {"input_ids": tokenize_for_model(config, captions), "pixels": images_for_model(config, images)}

@@ -17,7 +17,7 @@ and an all-False mask (the decoder then attends only to the 4 CLIP tokens and th
 Sampling must use the same null text conditioning as training: pass the "" encodings to
 :func:`sample_decoder` as ``null_text_*`` if training used them, or leave them None.
 
-Batch (from :meth:`DecoderStage.preprocess`): ``image`` (B, S, S, 3) in [−1, 1];
+Batch (from :func:`preprocess`): ``image`` (B, S, S, 3) in [−1, 1];
 ``image_embed``, ``text_embed`` (B, D); ``text_hidden`` (B, L, D); ``text_mask`` (B, L) bool.
 """
 
