@@ -128,7 +128,7 @@ def test_flat_float16_storage_round_trips_and_replaces_orbax(tmp_path):
     loaded_config, loaded = load_clip(out)
     assert loaded_config == config and not os.path.exists(os.path.join(out, "params"))
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
-        assert b.dtype == np.float32
+        assert b.dtype == np.float32 and b.shape == np.shape(a)  # 0-d leaves (logit_scale) stay 0-d
         np.testing.assert_allclose(b, np.asarray(a), rtol=1e-3, atol=1e-7)
     doubled = jax.tree_util.tree_map(lambda x: 2 * x, params)
     save_pretrained(out, doubled, config.to_dict())          # orbax, float32: replaces the flat file

@@ -100,7 +100,7 @@ def test_float16_export_is_compact_and_samples_alike(recipe_dir, tmp_path):
         a, b = getattr(full, name), getattr(half, name)
         assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b), name
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-            assert np.asarray(y).dtype == np.float32
+            assert np.asarray(y).dtype == np.float32 and np.shape(y) == np.shape(x)
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-7)
     prompts = ["a red circle on the left", "a blue square", "a small yellow circle",
                "a big orange square at the top"]  # the batch another test compiled for

@@ -212,7 +212,7 @@ def _save_flat_safetensors(path: str, params: Any, dtype: str) -> None:
             if dtype == "float16" and np.abs(value).max(initial=0.0) > np.finfo(np.float16).max:
                 raise ValueError(f"parameter {name} exceeds the float16 range; store it as float32")
             value = value.astype(dtype)
-        tensors[name] = np.ascontiguousarray(value)
+        tensors[name] = np.array(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
     save_file(tensors, path, metadata={"format": "unclip_jax", "storage_dtype": dtype})
 
 
