@@ -24,25 +24,13 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
 from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline, UnCLIPTextProjModel
 
-from bench.arch import PROMPT, SAMPLING, arch
+from bench.arch import PROMPT, SAMPLING, arch, write_char_vocab
 
 
 def tiny_tokenizer(d):
     """A character-level CLIP vocabulary (no download); the same files serve our tokenizer."""
-    chars = [chr(c) for c in range(33, 127)]
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(d, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(d, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), pad_token="!",
-                         model_max_length=77)
+    vocab_path, merges_path = write_char_vocab(d)
+    return CLIPTokenizer(vocab_path, merges_path, pad_token="!", model_max_length=77)
 
 
 def _public(d):

@@ -65,3 +65,25 @@ def arch(size: str) -> dict:
     if size not in ARCHS:
         raise ValueError(f"unknown architecture size {size!r}; known: {', '.join(ARCHS)}")
     return ARCHS[size]
+
+
+def write_char_vocab(directory: str) -> tuple[str, str]:
+    """Writes the benchmark's character-level CLIP vocabulary (``vocab.json``, ``merges.txt``;
+    no download) into ``directory``; both sides tokenise with it. Returns the two paths."""
+    import json
+    import os
+    os.makedirs(directory, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    vocab_path, merges_path = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    with open(vocab_path, "w") as f:
+        json.dump(vocab, f)
+    with open(merges_path, "w") as f:
+        f.write("#version: 0.2\n")
+    return vocab_path, merges_path

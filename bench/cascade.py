@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.arch import PROMPT, SAMPLING
+from bench.arch import PROMPT, SAMPLING, write_char_vocab
 
 
 def make_cascade(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SAMPLING) -> Callable:
@@ -78,21 +78,7 @@ class Prompts:
 
 def tokenizer_files(directory: str) -> str:
     """Writes the anchor's character-level CLIP vocabulary (no torch needed) into ``directory``."""
-    import json
-    import os
-    os.makedirs(directory, exist_ok=True)
-    chars = [chr(c) for c in range(33, 127)]
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(directory, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
+    write_char_vocab(directory)
     return directory
 
 
