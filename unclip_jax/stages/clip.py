@@ -8,7 +8,7 @@ number of devices (a test checks 8 fake devices against one). Do not wrap them i
 ``shard_map`` per device: that would give the local-batch loss. (With ``AxisType.Explicit``
 axes JAX refuses the batch-sharded ``zi @ zt.T``; reshard one side first.)
 
-The trainer stage ``'clip'`` (:class:`ClipStage`, at the end) trains on image-caption pairs
+The trainer stage ``'clip'`` (``CLIP_STAGE``, registered at the end) trains on image-caption pairs
 (``configs/shapes_clip.py``) and evaluates zero-shot colour/shape accuracy on held-out
 captioned-shapes images (:func:`evaluate_shapes_zero_shot`).
 
@@ -404,40 +404,32 @@ def stage_flops_per_example(config) -> float | None:
     return 3.0 * float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def stage_init_params(key, config):
+    """Initial CLIP parameters for the trainer (a pure JAX function of ``key``)."""
+    from unclip_jax.models.clip import dummy_inputs
+    model = build_model(config)
+    return model.init(key, **dummy_inputs(model.config))["params"]
+
+
+def stage_source(config, split: str, process_index: int, process_count: int):
+    """The image-caption source of ``config.data`` for one process."""
+    from unclip_jax.data import make_source
+    return make_source(config.data, split=split, process_index=process_index,
+                       process_count=process_count, seed=int(config.train.seed))
+
+
 def _register():
-    from unclip_jax.train.stage import Stage, register_stage
-
-    class ClipStage(Stage):
-        """The 'clip' stage of ``unclip_jax.train``: contrastive training on image-caption
-        pairs (``configs/shapes_clip.py``); evaluation = shapes zero-shot accuracy."""
-
-        def init_params(self, key, config):
-            model = build_model(config)
-            from unclip_jax.models.clip import dummy_inputs
-            return model.init(key, **dummy_inputs(model.config))["params"]
-
-        def loss_fn(self, params, batch, key, config, *, train):
-            return stage_loss(params, batch, key, config, train=train)
-
-        def make_source(self, config, split, process_index, process_count):
-            from unclip_jax.data import make_source
-            return make_source(config.data, split=split, process_index=process_index,
-                               process_count=process_count, seed=int(config.train.seed))
-
-        def preprocess(self, examples, config):
-            return stage_preprocess(examples, config)
-
-        def flops_per_example(self, config):
-            return stage_flops_per_example(config)
-
-        def evaluate(self, params, config):
-            return evaluate_shapes_zero_shot(params, config)
-
-    register_stage("clip", ClipStage)
-    return ClipStage
+    # The 'clip' stage of unclip_jax.train: contrastive training on image-caption pairs
+    # (configs/shapes_clip.py); evaluation = shapes zero-shot accuracy.
+    from unclip_jax.train.stage import FunctionStage, register_stage
+    stage = FunctionStage(init_params=stage_init_params, loss_fn=stage_loss, make_source=stage_source,
+                          preprocess=stage_preprocess, flops_per_example=stage_flops_per_example,
+                          evaluate=evaluate_shapes_zero_shot)
+    register_stage("clip", stage)
+    return stage
 
 
 try:  # registering needs the trainer package; the functions above do not
-    ClipStage = _register()
+    CLIP_STAGE = _register()
 except ImportError:  # pragma: no cover - a partial install without unclip_jax.train
-    ClipStage = None
+    CLIP_STAGE = None
