@@ -1,4 +1,3 @@
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # The GPU benchmark of unclip_jax against diffusers' UnCLIPPipeline, one command:
 #
 #   bash bench/run_gpu.sh OUTDIR            (run from the repository root; OUTDIR e.g. $OUT)
@@ -22,9 +21,16 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   diffusers_compile  diffusers fp16 + torch.compile at batch 8            (~200 s+)
 #
 # Environment: BENCH_PARTS (space-separated subset, default all), BENCH_BUDGET_S,
+# BENCH_BATCHES (sampling batches of diffusers_eager and ours_cold, e.g. 8,32),
 # BENCH_PRIOR_BATCH, BENCH_DECODER_BATCH; BENCH_SIZE=tiny runs the same parts with the
 # tiny architecture in fp32 at batch 1, one timed call (a CPU dry run of this script).
 set -u
+# Packages the GPU image lacks (diffusers, grain, ml-collections, ...) travel as wheels in
+# .whl/ (see the device README); installed only where that folder holds any.
+if compgen -G ".whl/*.whl" > /dev/null && [[ "${BENCH_SIZE:-karlo}" != tiny ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
 OUT="${1:?usage: bash bench/run_gpu.sh OUTDIR}"
 mkdir -p "$OUT"
 BUDGET="${BENCH_BUDGET_S:-450}"
@@ -42,7 +48,7 @@ if [[ "${BENCH_SIZE:-karlo}" == tiny ]]; then
   PRIOR_B=${BENCH_PRIOR_BATCH:-8}; DECODER_B=${BENCH_DECODER_BATCH:-4}
 else
   SIZE=karlo; DIFF="--dtype fp16"; OURS="--size karlo"
-  COLD=8,32,1; WARM=1,8,32; EXPORT_B=8; EAGER_B=1,8,32; COMPILE_B=8; TRAIN=""; REPS=2
+  COLD=${BENCH_BATCHES:-8,32,1}; WARM=1,8,32; EXPORT_B=8; EAGER_B=${BENCH_BATCHES:-1,8,32}; COMPILE_B=8; TRAIN=""; REPS=2
   PRIOR_B=${BENCH_PRIOR_BATCH:-512}; DECODER_B=${BENCH_DECODER_BATCH:-128}
 fi
 EXPORTED=""
