@@ -31,6 +31,25 @@ def _cudnn_ok(q: jax.Array) -> bool:
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
+def _pad_lengths_to_even(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array):
+    """Pads odd query/key lengths to even ones, for cuDNN's backward pass with a bias.
+
+    cuDNN's fused attention differentiates a biased attention only for even lengths
+    (the prior's 81 tokens and the decoder's 1024 + 81 keys are odd). An extra key gets
+    ``MASK_BIAS`` (it takes no weight); an extra query row is computed and sliced off by
+    the caller. ``bias`` is 4-d with full query and key lengths.
+    """
+    pad_q, pad_k = q.shape[1] % 2, k.shape[1] % 2
+    if pad_q:
+        q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 0)))
+    if pad_k:
+        k = jnp.pad(k, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=MASK_BIAS)
+    return q, k, v, bias
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           bias: jax.Array | None = None, is_causal: bool = False,
                           scale: float | None = None,
@@ -59,5 +78,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
             # may stay 1. Keeping heads at 1 spares an H-fold (B, H, Lq, Lk) copy in memory.
             bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
             bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
+            if q.shape[1] % 2 or k.shape[1] % 2:
+                # Padding at the end keeps a causal mask right: a real query never sees
+                # the extra key.
+                length = q.shape[1]
+                q, k, v, bias = _pad_lengths_to_even(q, k, v, bias)
+                out = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal,
+                                                   scale=scale, implementation=implementation)
+                return out[:, :length]
     return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal,
                                         scale=scale, implementation=implementation)
