@@ -10,7 +10,7 @@
 #
 #   diffusers_eager    diffusers fp16 eager, batches 1,8,32                 (~90 s)
 #   ours_cold          ours bf16, empty compilation cache: compile + time at 8,32,1
-#                      (batch 8 through jax.export when `flatbuffers` imports)      (~200 s)
+#                      (every batch through jax.export when `flatbuffers` imports)      (~200 s)
 #   ours_warm          ours again in a fresh process: compile from the persistent cache,
 #                      peak memory per batch (ascending, no autotuning) for the batches
 #                      ours_cold finished; the FLOP count of the program        (~70 s)
@@ -52,7 +52,9 @@ else
   PRIOR_B=${BENCH_PRIOR_BATCH:-512}; DECODER_B=${BENCH_DECODER_BATCH:-128}
 fi
 EXPORTED=""
-if python3 -c "import flatbuffers" 2>/dev/null; then EXPORTED="--exported-batches $EXPORT_B"; fi
+# Every sampling batch goes through jax.export, so the second process traces no Python
+# (the session 3 run exported batch 8 only: 4.2 s warm start there, 7.7 s at batch 32).
+if python3 -c "import flatbuffers" 2>/dev/null; then EXPORTED="--exported-batches $COLD"; fi
 echo "size $SIZE, budget ${BUDGET}s, parts:$PARTS"
 
 run_part() {  # name min_seconds cap_seconds command...
