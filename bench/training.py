@@ -37,6 +37,8 @@ def parse(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="", help="compute dtype (default: the config's)")
     ap.add_argument("--remat", default="config", choices=["config", "on", "off"])
+    ap.add_argument("--remat-policy", default="", choices=["", "full", "dots"],
+                    help="prior only: what a rematerialised block keeps (default: the config's)")
     ap.add_argument("--attention", default="", help="attention implementation (default: the config's)")
     ap.add_argument("--max-mem-fraction", type=float, default=0.95,
                     help="skip running when the executable needs more of the device memory than this")
@@ -57,6 +59,10 @@ def load_stage_config(args):
         overrides.append(f"model.remat={args.remat == 'on'}")
     if args.attention:
         overrides.append(f"model.attention_impl={args.attention}")
+    if args.remat_policy:
+        if args.stage != "prior":
+            raise SystemExit("--remat-policy applies to the prior only")
+        overrides.append(f"model.remat_policy={args.remat_policy}")
     return load_config(f"configs/{args.stage}.py:{args.config_variant}", overrides)
 
 
@@ -109,6 +115,7 @@ def main(argv=None):
     config = load_stage_config(args)
     emit("setup", command=common.argv_string(), **common.versions(), **common.jax_device_info(), batch=batch,
          dtype=config.model.dtype, remat=bool(config.model.remat),
+         remat_policy=config.model.get("remat_policy", "full") if config.model.remat else None,
          attention=config.model.get("attention_impl", "xla"), since_start_s=common.since_start())
 
     shapes, loss_fn, data, stage_flops = stage_pieces(args.stage, config, batch, args.seed)

@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.norm_eps = 1e-5
     m.dtype = "float32" if small else "bfloat16"
     m.remat = not small
+    m.remat_policy = "full"   # 'dots' keeps the Dense outputs: less recompute, more memory
     m.attention_impl = "xla" if small else "auto"
 
     p = c.prior = ml_collections.ConfigDict()

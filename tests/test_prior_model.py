@@ -139,6 +139,38 @@ def test_bf16_remat_dropout_options():
     assert float(jnp.max(jnp.abs(y1 - y2))) > 0  # dropout is active in training
 
 
+def _count_dots(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (list, tuple)) else (value,):
+                n += _count_dots(v.jaxpr) if hasattr(v, "consts") else _count_dots(v) if hasattr(v, "eqns") else 0
+    return n
+
+
+def test_remat_policies_change_recompute_not_gradients():
+    config = dict(num_heads=2, head_dim=8, num_layers=2, embed_dim=16, num_text_tokens=5)
+    params = init_prior_params(prior_from_config(config), jax.random.key(0))
+    inputs = make_inputs(2, 16, n=5)
+    dots, grads = {}, {}
+    for name, options in {"none": {}, "full": dict(remat=True),
+                          "dots": dict(remat=True, remat_policy="dots")}.items():
+        model = prior_from_config(config, **options)
+        loss = lambda p: jnp.mean(model.apply({"params": p}, *inputs) ** 2)
+        dots[name] = _count_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+        grads[name] = jax.jit(jax.grad(loss))(params)
+    # Full remat recomputes every matmul of the forward pass; 'dots' only attention's two
+    # batched products per layer (its Dense outputs are kept).
+    assert dots["none"] < dots["dots"] < dots["full"]
+    assert dots["dots"] - dots["none"] == 2 * config["num_layers"]
+    for name in ("full", "dots"):
+        for a, b in zip(jax.tree_util.tree_leaves(grads[name]), jax.tree_util.tree_leaves(grads["none"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="remat_policy"):
+        init_prior_params(prior_from_config(config, remat=True, remat_policy="everything"), jax.random.key(0))
+
+
 def test_save_load_roundtrip_and_cli(tmp_path):
     ref, src = make_reference(str(tmp_path), TINY)
     out = str(tmp_path / "ours")

@@ -138,6 +138,9 @@ class PriorTransformer(nn.Module):
       dtype: compute dtype (e.g. "bfloat16"); parameters are always float32, the output
         is float32.
       remat: rematerialise each block in the backward pass (saves activation memory).
+      remat_policy: what a rematerialised block keeps: "full" (nothing: every op is
+        recomputed) or "dots" (the outputs of its weight matmuls: the backward pass
+        recomputes only the cheap elementwise ops and attention, for more memory).
       attention_impl: passed to ``dot_product_attention`` ("xla", "cudnn", "auto").
     """
     num_heads: int = 32
@@ -151,6 +154,7 @@ class PriorTransformer(nn.Module):
     norm_eps: float = 1e-5
     dtype: Any = "float32"
     remat: bool = False
+    remat_policy: str = "full"
     attention_impl: str = "xla"
 
     @property
@@ -205,13 +209,29 @@ class PriorTransformer(nn.Module):
         h = tokens + pos.astype(dtype)
 
         bias = causal_text_bias(text_mask)
-        block = nn.remat(PriorBlock, static_argnums=(3,)) if self.remat else PriorBlock
+        block = (nn.remat(PriorBlock, static_argnums=(3,), policy=remat_policy(self.remat_policy))
+                 if self.remat else PriorBlock)
         for i in range(self.num_layers):
             h = block(self.num_heads, self.head_dim, self.mlp_ratio, self.dropout, self.norm_eps,
                       dtype, self.attention_impl, name=f"block_{i}")(h, bias, not train)
         h = nn.LayerNorm(epsilon=self.norm_eps, dtype=dtype, param_dtype=jnp.float32,
                          name="norm_out")(h[:, -1])
         return dense(self.embed_dim, "proj_out")(h).astype(jnp.float32)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # jax.checkpoint's default: save nothing
+    # matmuls without batch dimensions are the Dense layers (the attention products have
+    # batch dims and are recomputed)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(name: str):
+    """``jax.checkpoint`` policy for a ``remat_policy`` name ("full" or "dots")."""
+    if name not in _REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {sorted(_REMAT_POLICIES)}, got {name!r}")
+    return _REMAT_POLICIES[name]
 
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(PriorTransformer)
