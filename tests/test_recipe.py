@@ -44,6 +44,8 @@ def test_report_has_every_field(recipe_dir):
         assert 0.0 <= oracle[key] <= 1.0
     assert set(on_disk["targets_met"]) == {"color", "shape", "size", "position", "clip_zero_shot_color",
                                            "clip_zero_shot_shape", "prior_above_baseline"}
+    true_z = on_disk["oracle_true_embeddings"]  # decoder + upsampler from test images' z_i
+    assert true_z["n"] == 8 and all(0.0 <= true_z[key] <= 1.0 for key in ("color", "shape", "size", "position"))
     assert on_disk["sampling_s"] > 0 and on_disk["machine"]["cpu_count"] >= 1
     assert on_disk["sampling_settings"]["decoder_steps"] == 5  # from configs/shapes_decoder.py:tiny
     assert os.path.exists(os.path.join(workdir, "samples.png"))

@@ -216,6 +216,20 @@ def sample_and_score(pipeline_dir: str, prompts: Sequence[str], seed: int = 0, c
     return oracle.score(images, list(prompts)), seconds
 
 
+def score_true_embeddings(pipe, num: int = 64, seed: int = 0, data_seed: int = 1234) -> dict:
+    """Decoder + upsamplers alone: decodes the CLIP image embeddings of ``num`` 'test'-split
+    images (with their captions) and scores the outputs against those images' objects.
+    Set beside the prompt scores, this separates the prior's share of the errors from
+    the decoder's."""
+    import numpy as np
+    from unclip_jax.data import oracle, shapes
+    size = pipe.clip_config.vision.image_size
+    batch = shapes.make_batch("test", 0, num, image_size=size, seed=data_seed)
+    z_i = pipe.encode_image(list(batch["image"]))
+    images = pipe.images_from_embeddings(z_i, seed=seed, prompts=list(batch["caption"]))
+    return oracle.score(np.asarray(images), batch["objects"])
+
+
 def _read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -264,8 +278,11 @@ def run(workdir: str, tiny: bool = False, num_prompts: int = 200, seed: int = 0,
     clip_scores = evaluate_clip(workdir, configs["clip"])
     prior_scores = evaluate_prior(workdir, configs["prior"])
     prompts = evaluation_prompts(num_prompts)
-    oracle_scores, sample_s = sample_and_score(pipeline_dir, prompts, seed=seed,
+    from unclip_jax.pipeline import load_pipeline
+    pipe = load_pipeline(pipeline_dir)
+    oracle_scores, sample_s = sample_and_score(pipeline_dir, prompts, seed=seed, pipe=pipe,
                                                samples_png=os.path.join(workdir, "samples.png"))
+    true_embedding_scores = score_true_embeddings(pipe, num=8 if tiny else 64, seed=seed)
     report = {
         "tiny": bool(tiny),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -276,6 +293,8 @@ def run(workdir: str, tiny: bool = False, num_prompts: int = 200, seed: int = 0,
         "prior": prior_scores,
         "oracle": oracle_scores,
         "num_prompts": len(prompts),
+        # decoder + upsampler from true CLIP image embeddings of test images (no prior)
+        "oracle_true_embeddings": true_embedding_scores,
         "sampling_s": sample_s,
         "evaluation_s": time.perf_counter() - start,
         "sampling_settings": _read_json(os.path.join(pipeline_dir, "pipeline.json"))["defaults"],
