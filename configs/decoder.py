@@ -75,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.prediction_type = "epsilon"
     d.variance_type = "learned_range"   # 6 output channels: [ε, v]; hybrid loss
     d.vlb_weight = 1.0                  # × L_vlb·T/1000 (improved DDPM's λ = 0.001)
+    d.min_snr_gamma = ml_collections.config_dict.placeholder(float)  # None: plain MSE (Karlo)
     d.clip_range = 1.0                  # x̂_0 clip while sampling
 
     g = c.guidance = ml_collections.ConfigDict()

@@ -101,3 +101,20 @@ def test_registered_stage_loss_and_gradients(tiny):
     with pytest.raises(ValueError, match="clip.kind"):
         dec.preprocess([dec.make_source(cfg, "train")[0]], load_config("configs/decoder.py:tiny",
                                                                        ["clip.kind=precomputed"]))
+
+
+def test_min_snr_gamma_reaches_the_loss(tiny):
+    """diffusion.min_snr_gamma weights the MSE term: a huge γ weighs every timestep 1 (the
+    plain loss), a tiny one almost removes the MSE term; the unweighted MSE metric stays."""
+    _, batch, params = tiny
+    key = jax.random.key(5)
+
+    def loss(*overrides):
+        cfg = load_config("configs/decoder.py:tiny", list(overrides))
+        return dec.loss_fn(params, batch, key, cfg, train=True)
+
+    (plain, m_plain), (huge, _), (small, m_small) = (
+        loss(), loss("diffusion.min_snr_gamma=1e9"), loss("diffusion.min_snr_gamma=1e-6"))
+    np.testing.assert_allclose(float(huge), float(plain), rtol=1e-6)
+    assert float(small) < float(plain) - 0.5 * float(m_plain["mse"])
+    np.testing.assert_allclose(float(m_small["mse"]), float(m_plain["mse"]), rtol=1e-6)

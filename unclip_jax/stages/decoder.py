@@ -184,7 +184,8 @@ def loss_fn(params, batch: Mapping[str, Any], key: jax.Array, config, *, train: 
     schedule = diffusion.Schedule.create(diff["schedule"], diff["num_timesteps"])
     loss, aux = diffusion.diffusion_loss(model_fn, schedule, image, k_loss,
                                          prediction_type=diff["prediction_type"],
-                                         variance_type=diff["variance_type"], vlb_weight=diff["vlb_weight"])
+                                         variance_type=diff["variance_type"], vlb_weight=diff["vlb_weight"],
+                                         min_snr_gamma=diff.get("min_snr_gamma"))
     metrics = {"mse": aux["mse"].mean(), "vb": aux["vb"].mean(),
                "drop_image": drop_image.mean(), "drop_text": drop_text.mean()}
     return loss.mean(), metrics
