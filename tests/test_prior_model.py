@@ -140,13 +140,10 @@ def test_bf16_remat_dropout_options():
 
 
 def _count_dots(jaxpr) -> int:
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "dot_general"
-        for value in eqn.params.values():
-            for v in value if isinstance(value, (list, tuple)) else (value,):
-                n += _count_dots(v.jaxpr) if hasattr(v, "consts") else _count_dots(v) if hasattr(v, "eqns") else 0
-    return n
+    """dot_general equations of a jaxpr, those nested in remat/pjit included."""
+    from unclip_jax.stages.decoder import _sub_jaxprs  # the FLOP counter's jaxpr walk
+    return sum((eqn.primitive.name == "dot_general") + sum(_count_dots(sub) for sub in _sub_jaxprs(eqn))
+               for eqn in jaxpr.eqns)
 
 
 def test_remat_policies_change_recompute_not_gradients():
