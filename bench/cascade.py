@@ -45,17 +45,23 @@ def make_cascade(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SA
 
     def cascade(params, ids, mask, null_ids, null_mask, seed):
         k_prior, k_dec, k_sr = jax.random.split(jax.random.key(seed), 3)
-        text_embed, text_hidden = encode(params["clip"], ids)
-        null_embed, null_hidden = encode(params["clip"], null_ids)
-        z_i = sample_prior(params["prior"], params["prior_stats"], prior_cfg, text_embed, text_hidden, mask,
-                           null_embed, null_hidden, null_mask, k_prior, steps=sampling["prior_steps"],
-                           guidance_scale=sampling["prior_guidance"], clip_range=sampling["prior_clip_range"],
-                           best_of_n=1)
-        low = sample_decoder(params["decoder"], dec_cfg, z_i, text_embed, text_hidden, mask, k_dec,
-                             steps=sampling["decoder_steps"], guidance_scale=sampling["decoder_guidance"],
-                             null_text_embed=null_embed, null_text_hidden=null_hidden, null_text_mask=null_mask)
-        high = sample_upsampler(params["sr_first"], params["sr_last"], sr_cfg, low, k_sr,
-                                steps=sampling["super_res_steps"], out_size=sr_size)
+        # Named scopes put the stage into every op's metadata (bench/profile.py splits a
+        # device trace by stage with them); they do not change the computation.
+        with jax.named_scope("clip_text"):
+            text_embed, text_hidden = encode(params["clip"], ids)
+            null_embed, null_hidden = encode(params["clip"], null_ids)
+        with jax.named_scope("prior"):
+            z_i = sample_prior(params["prior"], params["prior_stats"], prior_cfg, text_embed, text_hidden, mask,
+                               null_embed, null_hidden, null_mask, k_prior, steps=sampling["prior_steps"],
+                               guidance_scale=sampling["prior_guidance"], clip_range=sampling["prior_clip_range"],
+                               best_of_n=1)
+        with jax.named_scope("decoder"):
+            low = sample_decoder(params["decoder"], dec_cfg, z_i, text_embed, text_hidden, mask, k_dec,
+                                 steps=sampling["decoder_steps"], guidance_scale=sampling["decoder_guidance"],
+                                 null_text_embed=null_embed, null_text_hidden=null_hidden, null_text_mask=null_mask)
+        with jax.named_scope("super_res"):
+            high = sample_upsampler(params["sr_first"], params["sr_last"], sr_cfg, low, k_sr,
+                                    steps=sampling["super_res_steps"], out_size=sr_size)
         return jnp.clip(high * 0.5 + 0.5, 0.0, 1.0).astype(jnp.float32)
 
     return jax.jit(cascade)

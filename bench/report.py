@@ -6,7 +6,8 @@
 Files it reads (each optional; a missing or failed part shows up as such):
 ``diffusers_eager.jsonl``, ``diffusers_compile.jsonl`` (bench.anchor_diffusers_unclip),
 ``ours_cold.jsonl``, ``ours_warm.jsonl``, ``ours_xla.jsonl``, ``ours_pipeline.jsonl`` (bench.sampling),
-``train_prior.jsonl``, ``train_prior_dots.jsonl``, ``train_decoder.jsonl`` (bench.training), ``cpu_tiny.jsonl``
+``train_prior.jsonl``, ``train_prior_dots.jsonl``, ``train_decoder.jsonl`` (bench.training), ``profile.jsonl``
+(bench.profile), ``cpu_tiny.jsonl``
 (bench.cpu_tiny) and ``parts.jsonl`` (run_gpu.sh: exit status and seconds of each part).
 """
 
@@ -88,7 +89,7 @@ def summarize(directory: str) -> dict[str, Any]:
     files = {name: read(directory, f"{name}.jsonl") for name in
              ("diffusers_eager", "diffusers_compile", "ours_cold", "ours_warm", "ours_xla", "ours_pipeline",
               "train_prior", "train_prior_dots",
-              "train_decoder", "cpu_tiny", "parts")}
+              "train_decoder", "cpu_tiny", "profile", "parts")}
     eager, dcomp = per_batch(files["diffusers_eager"]), per_batch(files["diffusers_compile"])
     cold, warm, xla = per_batch(files["ours_cold"]), per_batch(files["ours_warm"]), per_batch(files["ours_xla"])
     api = per_batch(files["ours_pipeline"])
@@ -167,7 +168,11 @@ def summarize(directory: str) -> dict[str, Any]:
     return {"sampling": sampling, "tflop_per_image": tflop, "ceiling_images_per_s": ceiling,
             "device_peak_tflops": flops.get("device_peak_tflops"), "compile_cold": cold_compiles,
             "compile_warm": warm_compiles, "training": training, "cpu_tiny": cpu, "targets": targets,
+            "profile": by_kind(files["profile"], "profile"),
             "errors": errors, "parts": files["parts"], "setups": setups}
+
+
+KINDS = ("convolution", "matmul", "attention", "fusion", "copy/transpose", "other")  # bench/profile.py
 
 
 def markdown(s: dict[str, Any]) -> str:
@@ -210,6 +215,18 @@ def markdown(s: dict[str, Any]) -> str:
         lines.append(f"| {stage} | {fmt(t['batch'])} | {fmt(t['sec_per_step'])} | {fmt(t['examples_per_s'])} | "
                      f"{fmt(t['train_tflop_per_example'])} | {fmt(t['stage_flops_per_example_tflop'])} | "
                      f"{fmt(t['mfu'])} | {fmt(t['peak_mem_GB'])} | {fmt(t['compile_s'])} |")
+    for p in s.get("profile", []):
+        lines += ["", f"## Profile, batch {p['batch']}: device time by stage and kind (seconds)", "",
+                  f"One call: wall {fmt(p['wall_s'])} s, device ops {fmt(p['device_busy_s'])} s "
+                  f"({p['events']} events, {p['line']} line).", "",
+                  "| stage | total | " + " | ".join(KINDS) + " |", "|---|---|" + "---|" * len(KINDS)]
+        for stage, total in p["by_stage"].items():
+            kinds = p["by_stage_kind"].get(stage, {})
+            lines.append(f"| {stage} | {fmt(total)} | " + " | ".join(fmt(kinds.get(k)) for k in KINDS) + " |")
+        k = p.get("kernels_summary")
+        if k:
+            lines += ["", f"Kernel streams: {fmt(k['device_busy_s'])} s in {k['events']} kernels; by kind: "
+                      + ", ".join(f"{n} {fmt(v)}" for n, v in k["by_kind"].items()) + "."]
     if s["cpu_tiny"]:
         c = s["cpu_tiny"]
         lines += ["", "## CPU tiny cascade (same network both sides, interleaved)", "",

@@ -14,6 +14,8 @@
 #   ours_warm          ours again in a fresh process: compile from the persistent cache,
 #                      peak memory per batch (ascending, no autotuning) for the batches
 #                      ours_cold finished; the FLOP count of the program        (~70 s)
+#   profile            one profiled cascade call per cached batch (bench/profile.py): device time by
+#                      stage and kind of kernel, the trace and HLO in OUTDIR/profile/  (~40 s)
 #   train_prior        prior training step, batch 512                       (~60 s)
 #   train_prior_dots   the same with remat_policy 'dots' (Dense outputs kept)  (~60 s)
 #   train_decoder      decoder training step (64px), batch 128 (compile > 150 s on an H200) (~200 s)
@@ -35,7 +37,7 @@ fi
 OUT="${1:?usage: bash bench/run_gpu.sh OUTDIR}"
 mkdir -p "$OUT"
 BUDGET="${BENCH_BUDGET_S:-450}"
-PARTS=" ${BENCH_PARTS:-diffusers_eager ours_cold ours_warm train_prior train_prior_dots train_decoder ours_pipeline ours_xla diffusers_compile} "
+PARTS=" ${BENCH_PARTS:-diffusers_eager ours_cold ours_warm profile train_prior train_prior_dots train_decoder ours_pipeline ours_xla diffusers_compile} "
 CACHE=/tmp/unclip_bench_jax_cache
 rm -rf "$CACHE"
 # JAX allocates on demand (up to 90% of the GPU): peak_bytes_in_use then counts what our
@@ -76,7 +78,7 @@ run_part() {  # name min_seconds cap_seconds command...
   local status=ok
   if (( rc == 124 || rc == 137 )); then status=timeout; elif (( rc != 0 )); then status=failed; fi
   echo "{\"part\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - start )), \"limit_s\": $limit}" >> "$OUT/parts.jsonl"
-  grep -h '"kind": "\(sampling\|training\|compile\|error\)' "$OUT/$name.jsonl" 2>/dev/null | cut -c1-400
+  grep -h '"kind": "\(sampling\|training\|compile\|error\|profile\)' "$OUT/$name.jsonl" 2>/dev/null | cut -c1-700
   if [[ $status != ok ]]; then tail -n 5 "$OUT/$name.log"; fi
 }
 
@@ -98,6 +100,8 @@ fi
 WARM=${DONE:-$WARM}
 run_part ours_warm 40 120 python3 -m bench.sampling $OURS --batches $WARM --reps 1 --attention auto \
   --cache-dir "$CACHE" $EXPORTED --warm-start --out "$OUT/ours_warm.jsonl"
+run_part profile 30 90 python3 -m bench.profile $OURS --batches "${DONE:-$WARM}" --attention auto \
+  --cache-dir "$CACHE" $EXPORTED --trace-dir "$OUT/profile" --out "$OUT/profile.jsonl"
 run_part train_prior 50 120 python3 -m bench.training --stage prior $TRAIN --batch "$PRIOR_B" --steps 5 \
   --out "$OUT/train_prior.jsonl"
 run_part train_prior_dots 50 120 python3 -m bench.training --stage prior $TRAIN --batch "$PRIOR_B" --steps 5 \
