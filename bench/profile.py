@@ -16,10 +16,13 @@ then one call under ``jax.profiler.trace`` (a Perfetto trace in ``--trace-dir``)
   metadata of the compiled program;
 - ``by_kind``: seconds per kind of op (convolution, matmul, attention, fusion = XLA's own
   elementwise/reduction kernels, copy/transpose, other), overall and per stage;
-- ``top``: the 40 ops with the most time (name, stage, kind, count, seconds).
+- ``top``: the 40 ops with the most time (stage, op group, kind, count, seconds); an op
+  group is the op's path inside the sampling loop without block indices, or a library
+  kernel's family (cuDNN convolution/attention and cuBLAS kernels carry no HLO name: in
+  stream order they take the stage of the op before them).
 
 The compiled program's HLO text goes to ``--trace-dir`` too (``hlo_b{B}.txt.gz``), for a
-closer look offline. On a CPU the trace has no device line; the script then reports the
+closer look offline; ``--analyse`` re-reads a saved ``--trace-dir`` without a device. On a CPU the trace has no device line; the script then reports the
 host's XLA op events (``--size tiny``: a dry run of this script).
 """
 
@@ -33,6 +36,7 @@ import json
 import os
 import re
 import time
+from typing import Any, Mapping
 
 from bench import common
 
@@ -51,21 +55,27 @@ def parse(argv=None):
     ap.add_argument("--cache-dir", default="")
     ap.add_argument("--exported-batches", default="", help="as bench.sampling: load these batches' exported programs")
     ap.add_argument("--trace-dir", required=True)
+    ap.add_argument("--analyse", action="store_true",
+                    help="re-analyse the traces and HLO already in --trace-dir (no device, no run)")
     ap.add_argument("--out", default="")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
 
-def stage_of_instructions(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name → stage, from the stage scope in its metadata's op_name."""
-    stages = {}
+def instruction_table(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name → (stage, op group) from its metadata's op_name: the stage scope
+    of ``bench/cascade.py``, and the op's path inside the sampling loop with block indices
+    dropped (``UNet/down_blocks/resnets/norm1/reduce_sum``): what one kind of layer costs."""
+    table = {}
     for line in hlo_text.splitlines():
         m = _INSTRUCTION.match(line)
         if not m:
             continue
         name, op_name = m.groups()
-        stages[name] = next((s for s in STAGES if f"/{s}/" in f"/{op_name}/"), "other")
-    return stages
+        stage = next((s for s in STAGES if f"/{s}/" in f"/{op_name}/"), "other")
+        group = re.sub(r"_\d+\b", "", op_name.split("/while/body/")[-1].replace("eval_jaxpr/", ""))
+        table[name] = (stage, group[-90:])
+    return table
 
 
 def kind_of(name: str, long_name: str = "") -> str:
@@ -120,36 +130,47 @@ def device_lines(events: list[dict]) -> dict[str, list[dict]]:
     return lines
 
 
-def _instruction(name: str, stages: dict[str, str]) -> str:
+def _instruction(name: str, table: Mapping[str, Any]) -> str:
     """An event's HLO instruction: its name, or a kernel's name with its '_N' suffix as '.N'."""
     name = name.lstrip("%").split(" ")[0]
-    if name not in stages:
+    if name not in table:
         dotted = re.sub(r"_(\d+)$", r".\1", name)
-        if dotted in stages:
+        if dotted in table:
             return dotted
     return name
 
 
-def summarise(events: list[dict], stages: dict[str, str]) -> dict:
+def summarise(events: list[dict], table: dict[str, tuple[str, str]]) -> dict:
+    """Seconds by stage, by kind, by stage × kind, and the ops (groups) with the most time.
+
+    Library kernels (cuDNN convolutions and attention, cuBLAS matmuls) carry no HLO name in
+    the trace; in stream order each takes the stage of the op before it (the stages run one
+    after another) and is grouped by its kernel family."""
     by_stage = collections.Counter()
     by_kind = collections.Counter()
     by_stage_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    per_op: dict[str, list] = {}
-    for e in events:
+    per_group: dict[tuple[str, str], list] = {}
+    stage = "other"
+    for e in sorted(events, key=lambda e: e.get("ts", 0)):
         args = e.get("args") or {}
-        name = _instruction(e["name"], stages)
-        hlo_op = _instruction(str(args.get("hlo_op", "")), stages)
-        long_name = str(args.get("long_name", "")) or hlo_op
-        stage = stages.get(name, stages.get(hlo_op, "other"))
-        kind = kind_of(name, long_name[:200])
+        name = _instruction(e["name"], table)
+        if name not in table:
+            name = _instruction(str(args.get("hlo_op", "")), table) or name
+        if name in table:
+            stage, group = table[name]
+            kind = kind_of(name)  # the instruction says what ran; its op path, only if it does not
+            kind = kind_of("", group) if kind == "other" else kind
+        else:  # a library kernel: the stage carries over; family = name up to its tile sizes
+            group = "kernel " + re.sub(r"_\d+x\d+.*", "", e["name"])[:60]
+            kind = kind_of(e["name"])
         seconds = e["dur"] * 1e-6
         by_stage[stage] += seconds
         by_kind[kind] += seconds
         by_stage_kind[stage][kind] += seconds
-        op = per_op.setdefault(name, [stage, kind, 0, 0.0, long_name[:160]])
-        op[2] += 1
-        op[3] += seconds
-    top = sorted(per_op.items(), key=lambda kv: -kv[1][3])[:40]
+        entry = per_group.setdefault((stage, group), [kind, 0, 0.0])
+        entry[1] += 1
+        entry[2] += seconds
+    top = sorted(per_group.items(), key=lambda kv: -kv[1][2])[:40]
     r = lambda c: {k: round(v, 4) for k, v in sorted(c.items(), key=lambda kv: -kv[1])}
     return {
         "device_busy_s": round(sum(by_stage.values()), 4),
@@ -157,13 +178,28 @@ def summarise(events: list[dict], stages: dict[str, str]) -> dict:
         "by_stage": r(by_stage),
         "by_kind": r(by_kind),
         "by_stage_kind": {s: r(c) for s, c in by_stage_kind.items()},
-        "top": [{"name": n, "stage": s, "kind": k, "count": c, "s": round(t, 4), "hlo": h}
-                for n, (s, k, c, t, h) in top],
+        "top": [{"stage": s, "op": g, "kind": k, "count": c, "s": round(t, 4)} for (s, g), (k, c, t) in top],
     }
+
+
+def analyse(trace_dir: str, hlo_path: str) -> dict:
+    """The ``profile`` summary of a saved trace (``--trace-dir``/b{B}) and compiled HLO text."""
+    with gzip.open(hlo_path, "rt") as f:
+        table = instruction_table(f.read())
+    lines = device_lines(load_trace(trace_dir))
+    line = "ops" if "ops" in lines else next(iter(lines))
+    others = {f"{name}_summary": summarise(ev, table) for name, ev in lines.items() if name != line}
+    return {"line": line, "instructions_with_stage": len(table), **summarise(lines[line], table), **others}
 
 
 def main(argv=None):
     args = parse(argv)
+    if args.analyse:  # a saved run: no device needed
+        emit = common.Emitter(args.out, side="ours", setting="profile (re-analysed)")
+        for b in (int(x) for x in args.batches.split(",")):
+            emit("profile", batch=b, trace_dir=args.trace_dir,
+                 **analyse(os.path.join(args.trace_dir, f"b{b}"), os.path.join(args.trace_dir, f"hlo_b{b}.txt.gz")))
+        return
     emit = common.Emitter(args.out, side="ours", setting=f"profile {args.attention} {args.dtype}/{args.param_dtype}")
     if args.cache_dir:
         common.enable_compilation_cache(args.cache_dir)
@@ -187,19 +223,15 @@ def main(argv=None):
             c = compile_exported(loader, runner, b, exported_callable)
         else:
             c = runner.compile(b)
-        hlo = runner.compiled[b].as_text()
-        with gzip.open(os.path.join(args.trace_dir, f"hlo_b{b}.txt.gz"), "wt") as f:
-            f.write(hlo)
-        stages = stage_of_instructions(hlo)
+        hlo_path = os.path.join(args.trace_dir, f"hlo_b{b}.txt.gz")
+        with gzip.open(hlo_path, "wt") as f:
+            f.write(runner.compiled[b].as_text())
         runner.run(b)  # warm-up
         trace_dir = os.path.join(args.trace_dir, f"b{b}")
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             wall_s, _ = runner.run(b)
-        lines = device_lines(load_trace(trace_dir))
-        line = "ops" if "ops" in lines else next(iter(lines))
-        others = {f"{name}_summary": summarise(ev, stages) for name, ev in lines.items() if name != line}
-        emit("profile", batch=b, compile_total_s=c["total_s"], wall_s=round(wall_s, 4), line=line,
-             instructions_with_stage=len(stages), **summarise(lines[line], stages), **others)
+        emit("profile", batch=b, compile_total_s=c["total_s"], wall_s=round(wall_s, 4),
+             **analyse(trace_dir, hlo_path))
 
     for b in (int(x) for x in args.batches.split(",")):
         t0 = time.perf_counter()

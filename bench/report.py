@@ -217,7 +217,7 @@ def markdown(s: dict[str, Any]) -> str:
                      f"{fmt(t['mfu'])} | {fmt(t['peak_mem_GB'])} | {fmt(t['compile_s'])} |")
     for p in s.get("profile", []):
         lines += ["", f"## Profile, batch {p['batch']}: device time by stage and kind (seconds)", "",
-                  f"One call: wall {fmt(p['wall_s'])} s, device ops {fmt(p['device_busy_s'])} s "
+                  f"One call: wall {fmt(p.get('wall_s'))} s, device ops {fmt(p['device_busy_s'])} s "
                   f"({p['events']} events, {p['line']} line).", "",
                   "| stage | total | " + " | ".join(KINDS) + " |", "|---|---|" + "---|" * len(KINDS)]
         for stage, total in p["by_stage"].items():
