@@ -5,7 +5,8 @@
 
 Files it reads (each optional; a missing or failed part shows up as such):
 ``diffusers_eager.jsonl``, ``diffusers_compile.jsonl`` (bench.anchor_diffusers_unclip),
-``ours_cold.jsonl``, ``ours_warm.jsonl``, ``ours_xla.jsonl``, ``ours_pipeline.jsonl`` (bench.sampling),
+``ours_cold.jsonl``, ``ours_warm.jsonl``, ``ours_xla.jsonl``, ``ours_pipeline.jsonl``, ``ours_fastnorm.jsonl``
+(bench.sampling),
 ``train_prior.jsonl``, ``train_prior_dots.jsonl``, ``train_decoder.jsonl`` (bench.training), ``profile.jsonl``
 (bench.profile), ``cpu_tiny.jsonl``
 (bench.cpu_tiny) and ``parts.jsonl`` (run_gpu.sh: exit status and seconds of each part).
@@ -88,11 +89,12 @@ def fmt(x, digits=3):
 def summarize(directory: str) -> dict[str, Any]:
     files = {name: read(directory, f"{name}.jsonl") for name in
              ("diffusers_eager", "diffusers_compile", "ours_cold", "ours_warm", "ours_xla", "ours_pipeline",
+              "ours_fastnorm",
               "train_prior", "train_prior_dots",
               "train_decoder", "cpu_tiny", "profile", "parts")}
     eager, dcomp = per_batch(files["diffusers_eager"]), per_batch(files["diffusers_compile"])
     cold, warm, xla = per_batch(files["ours_cold"]), per_batch(files["ours_warm"]), per_batch(files["ours_xla"])
-    api = per_batch(files["ours_pipeline"])
+    api, fastnorm = per_batch(files["ours_pipeline"]), per_batch(files["ours_fastnorm"])
     flops = next((r for name in ("ours_cold", "ours_warm", "ours_xla") for r in by_kind(files[name], "flops")
                   if r.get("tflop_per_image")), {})
     tflop, ceiling = flops.get("tflop_per_image"), flops.get("ceiling_images_per_s")
@@ -100,7 +102,7 @@ def summarize(directory: str) -> dict[str, Any]:
     cold_order = [r["batch"] for r in by_kind(files["ours_cold"], "sampling") if "batch" in r]
     first_cold = cold_order[0] if cold_order else None
     sampling = []
-    for b in sorted(set(eager) | set(dcomp) | set(cold) | set(warm) | set(xla) | set(api)):
+    for b in sorted(set(eager) | set(dcomp) | set(cold) | set(warm) | set(xla) | set(api) | set(fastnorm)):
         ours = cold.get(b) or warm.get(b) or {}
         ours_ips = ours.get("images_per_s")
         ours_mem, mem_source = ours_memory(b, warm, cold, first_cold)
@@ -111,6 +113,7 @@ def summarize(directory: str) -> dict[str, Any]:
             "ours_executable_GB": (ours.get("executable") or {}).get("total_GB"),
             "ours_xla_images_per_s": xla.get(b, {}).get("images_per_s"),
             "ours_pipeline_api_images_per_s": api.get(b, {}).get("images_per_s"),
+            "ours_fastnorm_images_per_s": fastnorm.get(b, {}).get("images_per_s"),
             "diffusers_eager_images_per_s": e.get("images_per_s"), "diffusers_eager_peak_mem_GB": e.get("peak_mem_GB"),
             "diffusers_compile_images_per_s": c.get("images_per_s"),
             "diffusers_compile_peak_mem_GB": c.get("peak_mem_GB"),
@@ -189,13 +192,14 @@ def markdown(s: dict[str, Any]) -> str:
               f"Work per image: {fmt(s['tflop_per_image'])} TFLOP (matmuls + convolutions of our program); "
               f"device dense bf16 peak {fmt(s['device_peak_tflops'])} TFLOP/s; ceiling "
               f"{fmt(s['ceiling_images_per_s'])} images/s.", "",
-              "| batch | ours | ours (xla attn) | ours (pipeline API) | diffusers eager fp16 | diffusers compile fp16 | "
-              "ours/eager | ours/compile | ours peak GB | eager peak GB | compile peak GB | fraction of ceiling |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| batch | ours | ours (xla attn) | ours (pipeline API) | ours (fast norm) | diffusers eager fp16 | "
+              "diffusers compile fp16 | ours/eager | ours/compile | ours peak GB | eager peak GB | compile peak GB | "
+              "fraction of ceiling |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["sampling"]:
         lines.append("| " + " | ".join(fmt(r[k]) for k in (
             "batch", "ours_images_per_s", "ours_xla_images_per_s", "ours_pipeline_api_images_per_s",
-            "diffusers_eager_images_per_s",
+            "ours_fastnorm_images_per_s", "diffusers_eager_images_per_s",
             "diffusers_compile_images_per_s", "ratio_vs_eager", "ratio_vs_compile", "ours_peak_mem_GB",
             "diffusers_eager_peak_mem_GB", "diffusers_compile_peak_mem_GB", "fraction_of_ceiling")) + " |")
     sources = sorted({f"b{r['batch']}: {r['ours_mem_source']}" for r in s["sampling"] if r["ours_mem_source"]})

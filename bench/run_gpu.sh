@@ -21,6 +21,7 @@
 #   train_decoder      decoder training step (64px), batch 128 (compile > 150 s on an H200) (~200 s)
 #   ours_pipeline      the user API (unclip_jax.pipeline.UnCLIPPipeline.text_to_image) at 8 (~90 s)
 #   ours_xla           ours with attention implementation 'xla' at batch 8  (~90 s)
+#   ours_fastnorm      ours with one-pass GroupNorm statistics (--fast-norm) at batch 8 (~90 s)
 #   diffusers_compile  diffusers fp16 + torch.compile at batch 8            (~200 s+)
 #
 # Environment: BENCH_PARTS (space-separated subset, default all), BENCH_BUDGET_S,
@@ -37,7 +38,7 @@ fi
 OUT="${1:?usage: bash bench/run_gpu.sh OUTDIR}"
 mkdir -p "$OUT"
 BUDGET="${BENCH_BUDGET_S:-450}"
-PARTS=" ${BENCH_PARTS:-diffusers_eager ours_cold ours_warm profile train_prior train_prior_dots train_decoder ours_pipeline ours_xla diffusers_compile} "
+PARTS=" ${BENCH_PARTS:-diffusers_eager ours_cold ours_warm profile train_prior train_prior_dots train_decoder ours_pipeline ours_xla ours_fastnorm diffusers_compile} "
 CACHE=/tmp/unclip_bench_jax_cache
 rm -rf "$CACHE"
 # JAX allocates on demand (up to 90% of the GPU): peak_bytes_in_use then counts what our
@@ -112,6 +113,8 @@ run_part ours_pipeline 90 150 python3 -m bench.sampling $OURS --api pipeline --b
   --no-flops --out "$OUT/ours_pipeline.jsonl"
 run_part ours_xla 90 150 python3 -m bench.sampling $OURS --batches $EXPORT_B --reps $REPS --attention xla --no-flops \
   --out "$OUT/ours_xla.jsonl"
+run_part ours_fastnorm 90 150 python3 -m bench.sampling $OURS --batches $EXPORT_B --reps $REPS --attention auto \
+  --fast-norm --no-flops --out "$OUT/ours_fastnorm.jsonl"
 run_part diffusers_compile 180 300 python3 -m bench.anchor_diffusers_unclip $DIFF --batches $COMPILE_B --reps $REPS \
   --compile --out "$OUT/diffusers_compile.jsonl"
 

@@ -28,6 +28,9 @@ text_to_image`` (one jitted program per stage, per-example noise, uint8 images) 
 weights and settings (one prior candidate, as diffusers): ``compile`` then holds the first
 call's XLA compile seconds (``jax.monitoring``) and its wall time.
 
+``--fast-norm`` builds the UNets with one-pass GroupNorm statistics (an A/B of
+``UNet.norm_fast_variance``: one read of each activation for the statistics instead of two).
+
 ``--exported-batches 8`` builds the batch-8 program through ``jax.export`` instead of ``jax.jit``
 tracing: the first process serialises it into ``--cache-dir`` (``export_s`` = tracing and
 lowering) and compiles the deserialised form; a warm start reads that file and compiles
@@ -59,6 +62,8 @@ def parse(argv=None):
                     help="second process: the cache is expected to hold the programs")
     ap.add_argument("--exported-batches", default="",
                     help="batch sizes whose program goes through jax.export (needs --cache-dir)")
+    ap.add_argument("--fast-norm", action="store_true",
+                    help="UNets with one-pass GroupNorm statistics (UNet.norm_fast_variance)")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (saves a trace)")
     ap.add_argument("--api", default="cascade", choices=["cascade", "pipeline"],
                     help="cascade: bench/cascade.py, one jitted program; pipeline: unclip_jax.pipeline")
@@ -74,14 +79,15 @@ def export_path(cache_dir: str, size: str, batch: int, attention: str) -> str:
 def main(argv=None):
     args = parse(argv)
     setting = (f"ours{' pipeline API' if args.api == 'pipeline' else ''} {args.attention} "
-               f"{args.dtype}/{args.param_dtype}" + (" warm" if args.warm_start else ""))
+               f"{args.dtype}/{args.param_dtype}" + (" fast-norm" if args.fast_norm else "")
+               + (" warm" if args.warm_start else ""))
     emit = common.Emitter(args.out, side="ours", setting=setting)
     if args.cache_dir:
         common.enable_compilation_cache(args.cache_dir)
     import jax
     from bench import flops as flops_lib
     from bench.cascade import Prompts, Runner, exported_callable, tokenizer_files
-    from bench.stack import count, random_stack
+    from bench.stack import count, random_stack, with_fast_norm
 
     emit("setup", command=common.argv_string(), **common.versions(), **common.jax_device_info(),
          cache_dir=args.cache_dir or None, warm_start=args.warm_start, since_start_s=common.since_start())
@@ -89,6 +95,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     configs, params = random_stack(args.size, dtype=args.dtype, attention=args.attention,
                                    param_dtype=args.param_dtype, seed=args.seed)
+    if args.fast_norm:
+        configs = with_fast_norm(configs)
     jax.block_until_ready(params)
     emit("init", init_s=round(time.perf_counter() - t0, 2),
          params={k: count(v) for k, v in params.items() if k != "prior_stats"}, peak_mem_GB=common.peak_gb())

@@ -64,6 +64,14 @@ def with_options(configs: Mapping[str, Any], *, dtype: str, attention: str, rema
     }
 
 
+def with_fast_norm(configs: Mapping[str, Any]) -> dict:
+    """The UNets with one-pass GroupNorm statistics (``UNet.norm_fast_variance``): an A/B option."""
+    out = dict(configs)
+    for name in ("decoder", "super_res"):
+        out[name] = {**configs[name], "unet": {**configs[name]["unet"], "norm_fast_variance": True}}
+    return out
+
+
 def param_shapes(configs: Mapping[str, Any]) -> dict:
     """Every parameter of the stack as ``jax.ShapeDtypeStruct`` (tracing only, nothing allocated)."""
     from unclip_jax.convert.prior import expected_param_shapes

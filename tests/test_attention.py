@@ -57,3 +57,36 @@ def test_padding_odd_lengths_to_even_changes_nothing():
         g_padded = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
         for a, b in zip(g_padded, g_plain):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _primitives(jaxpr) -> set[str]:
+    from unclip_jax.stages.decoder import _sub_jaxprs
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in _sub_jaxprs(eqn):
+            names |= _primitives(sub)
+    return names
+
+
+def test_even_length_padding_only_in_the_backward_pass():
+    # Sampling runs the unpadded attention; jax.grad runs the padded one (cuDNN's backward
+    # needs even lengths). Checked through the XLA path: same values and gradients, and the
+    # pad shows up only where a VJP is traced.
+    from unclip_jax.models.attention import _even_lengths_for_backward
+
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], bool)
+    bias = jnp.broadcast_to(mask_to_bias(mask), (2, 1, 5, 5))
+    for causal in (False, True):
+        attend = lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal)
+        wrapped = _even_lengths_for_backward(attend)
+        np.testing.assert_array_equal(wrapped(q, k, v, bias), attend(q, k, v, bias))
+        loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, bias)))
+        g_plain = jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)
+        g_wrapped = jax.grad(loss(wrapped), argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(g_wrapped, g_plain):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        assert "pad" not in _primitives(jax.make_jaxpr(wrapped)(q, k, v, bias).jaxpr)
+        assert "pad" in _primitives(jax.make_jaxpr(jax.grad(loss(wrapped)))(q, k, v).jaxpr)

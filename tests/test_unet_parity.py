@@ -305,6 +305,26 @@ def test_bf16_compute_close_to_fp32(tiny_decoder):
     assert 0 < rel_err(out, ref) < 5e-2
 
 
+def test_fast_variance_norms_stay_close(tiny_decoder):
+    # norm_fast_variance (one-pass E[x²] − E[x]² GroupNorm statistics, a speed option) must
+    # stay within the fp32 parity tolerance here, and it must reach the norms: with a large
+    # mean the one-pass variance cancels digits that the two-pass one keeps.
+    from unclip_jax.models.unet_blocks import ResBlock
+    _, _, params, config = tiny_decoder
+    inp = decoder_inputs(np.random.default_rng(6), batch=2, size=32, clip_dim=32)
+    ref = jax_decoder_forward(params, config, inp, 250)
+    fast = dict(config, unet=dict(config["unet"], norm_fast_variance=True))
+    assert rel_err(jax_decoder_forward(params, fast, inp, 250), ref) <= TOL
+
+    x = 300.0 + jnp.asarray(np.random.default_rng(7).standard_normal((1, 8, 8, 64)), jnp.float32)
+    emb = jnp.ones((1, 16), jnp.float32)
+    block = ResBlock(64)
+    block_params = block.init(jax.random.key(0), x, emb)
+    two_pass = block.apply(block_params, x, emb)
+    one_pass = ResBlock(64, fast_variance=True).apply(block_params, x, emb)
+    assert 0 < float(jnp.max(jnp.abs(one_pass - two_pass)))
+
+
 def test_cli_converts_a_saved_pipeline_folder(tmp_path):
     """``python -m unclip_jax.convert.unet karlo`` on a folder laid out like the Karlo download
     writes our pretrained directories, which load back to the converter's parameters."""

@@ -68,6 +68,8 @@ class UNet(nn.Module):
       resblock_updown: resample with ResBlocks (ADM/Karlo) instead of (strided) convs.
       dropout: dropout rate inside resblocks (active when ``train=True``).
       num_groups, norm_eps: GroupNorm groups and epsilon.
+      norm_fast_variance: GroupNorm variance as E[x²] − E[x]² from one pass over x (a
+        speed option for bf16 inference; False = torch's two-pass variance, for parity).
       time_embed_dim: width of the embedding; 4·base_channels when None.
       flip_sin_to_cos, freq_shift: sinusoid layout (see :func:`timestep_embedding`).
       dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
@@ -90,6 +92,7 @@ class UNet(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     norm_eps: float = 1e-5
+    norm_fast_variance: bool = False
     time_embed_dim: int | None = None
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
@@ -162,7 +165,8 @@ class UNet(nn.Module):
 
         settings = BlockSettings(
             scale_shift_norm=self.scale_shift_norm, dropout=self.dropout, deterministic=not train,
-            num_groups=self.num_groups, eps=self.norm_eps, head_channels=self.head_channels,
+            num_groups=self.num_groups, eps=self.norm_eps, fast_variance=self.norm_fast_variance,
+            head_channels=self.head_channels,
             context_dim=self.context_dim, attention_impl=self.attention_impl, remat=self.remat,
             dtype=dtype)
 
@@ -180,7 +184,7 @@ class UNet(nn.Module):
                                self.resblock_updown, settings, name=f"up_blocks_{k}")(
                                    h, skips, emb, context, context_mask)
 
-        h = nn.silu(group_norm(self.num_groups, self.norm_eps, dtype, "conv_norm_out")(h))
+        h = nn.silu(group_norm(self.num_groups, self.norm_eps, dtype, "conv_norm_out", self.norm_fast_variance)(h))
         h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=dtype, name="conv_out")(h)
         return h.astype(jnp.float32)
 
