@@ -19,6 +19,7 @@
 #   train_prior        prior training step, batch 512                       (~60 s)
 #   train_prior_dots   the same with remat_policy 'dots' (Dense outputs kept)  (~60 s)
 #   train_decoder      decoder training step (64px), batch 128 (compile > 150 s on an H200) (~200 s)
+#   train_decoder_convs  the same with remat_policy 'convs' (conv + Dense outputs kept)   (~200 s)
 #   ours_pipeline      the user API (unclip_jax.pipeline.UnCLIPPipeline.text_to_image) at 8 (~90 s)
 #   ours_xla           ours with attention implementation 'xla' at batch 8  (~90 s)
 #   ours_fastnorm      ours with one-pass GroupNorm statistics (--fast-norm) at batch 8 (~90 s)
@@ -38,7 +39,7 @@ fi
 OUT="${1:?usage: bash bench/run_gpu.sh OUTDIR}"
 mkdir -p "$OUT"
 BUDGET="${BENCH_BUDGET_S:-450}"
-PARTS=" ${BENCH_PARTS:-diffusers_eager ours_cold ours_warm profile train_prior train_prior_dots train_decoder ours_pipeline ours_xla ours_fastnorm diffusers_compile} "
+PARTS=" ${BENCH_PARTS:-diffusers_eager ours_cold ours_warm profile train_prior train_prior_dots train_decoder train_decoder_convs ours_pipeline ours_xla ours_fastnorm diffusers_compile} "
 CACHE=/tmp/unclip_bench_jax_cache
 rm -rf "$CACHE"
 # JAX allocates on demand (up to 90% of the GPU): peak_bytes_in_use then counts what our
@@ -109,6 +110,8 @@ run_part train_prior_dots 50 120 python3 -m bench.training --stage prior $TRAIN 
   --remat-policy dots --out "$OUT/train_prior_dots.jsonl"
 run_part train_decoder 80 240 python3 -m bench.training --stage decoder $TRAIN --batch "$DECODER_B" --steps 5 \
   --out "$OUT/train_decoder.jsonl"
+run_part train_decoder_convs 80 240 python3 -m bench.training --stage decoder $TRAIN --batch "$DECODER_B" --steps 5 \
+  --remat-policy convs --out "$OUT/train_decoder_convs.jsonl"
 run_part ours_pipeline 90 150 python3 -m bench.sampling $OURS --api pipeline --batches $EXPORT_B --reps $REPS \
   --no-flops --out "$OUT/ours_pipeline.jsonl"
 run_part ours_xla 90 150 python3 -m bench.sampling $OURS --batches $EXPORT_B --reps $REPS --attention xla --no-flops \

@@ -37,8 +37,8 @@ def parse(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="", help="compute dtype (default: the config's)")
     ap.add_argument("--remat", default="config", choices=["config", "on", "off"])
-    ap.add_argument("--remat-policy", default="", choices=["", "full", "dots"],
-                    help="prior only: what a rematerialised block keeps (default: the config's)")
+    ap.add_argument("--remat-policy", default="", choices=["", "full", "dots", "convs"],
+                    help="what a rematerialised block keeps (default: the config's; 'convs' is for the decoder)")
     ap.add_argument("--attention", default="", help="attention implementation (default: the config's)")
     ap.add_argument("--max-mem-fraction", type=float, default=0.95,
                     help="skip running when the executable needs more of the device memory than this")
@@ -60,8 +60,6 @@ def load_stage_config(args):
     if args.attention:
         overrides.append(f"model.attention_impl={args.attention}")
     if args.remat_policy:
-        if args.stage != "prior":
-            raise SystemExit("--remat-policy applies to the prior only")
         overrides.append(f"model.remat_policy={args.remat_policy}")
     return load_config(f"configs/{args.stage}.py:{args.config_variant}", overrides)
 

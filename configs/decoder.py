@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m = c.model
     m.dtype = "float32" if small else "bfloat16"
     m.remat = not small
+    m.remat_policy = "full"   # 'convs' keeps convolution and Dense outputs: less recompute, more memory
     m.attention_impl = "xla" if small else "auto"
     m.image_size = 32 if arg == "tiny" else 64
     clip_dim = {"tiny": 32, "shapes": 32, "karlo": 768, "paper": 768}[arg]

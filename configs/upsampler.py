@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m = c.model
     m.dtype = "float32" if small else "bfloat16"
     m.remat = not small
+    m.remat_policy = "full"   # 'convs' keeps convolution and Dense outputs: less recompute, more memory
     m.attention_impl = "xla"
     m.image_size, m.low_res_size = {"tiny": (64, 16), "karlo_256": (256, 64), "paper_256": (256, 64),
                                     "paper_1024": (1024, 256)}[arg]

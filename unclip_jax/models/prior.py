@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax.models.attention import MASK_BIAS, dot_product_attention
+from unclip_jax.models.remat import remat_policy
 
 # Tokens appended after the text encodings: z_t, time, z_i^(t), final query.
 NUM_EXTRA_TOKENS = 4
@@ -217,21 +218,6 @@ class PriorTransformer(nn.Module):
         h = nn.LayerNorm(epsilon=self.norm_eps, dtype=dtype, param_dtype=jnp.float32,
                          name="norm_out")(h[:, -1])
         return dense(self.embed_dim, "proj_out")(h).astype(jnp.float32)
-
-
-_REMAT_POLICIES = {
-    "full": None,  # jax.checkpoint's default: save nothing
-    # matmuls without batch dimensions are the Dense layers (the attention products have
-    # batch dims and are recomputed)
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def remat_policy(name: str):
-    """``jax.checkpoint`` policy for a ``remat_policy`` name ("full" or "dots")."""
-    if name not in _REMAT_POLICIES:
-        raise ValueError(f"remat_policy must be one of {sorted(_REMAT_POLICIES)}, got {name!r}")
-    return _REMAT_POLICIES[name]
 
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(PriorTransformer)

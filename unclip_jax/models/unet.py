@@ -74,6 +74,9 @@ class UNet(nn.Module):
       flip_sin_to_cos, freq_shift: sinusoid layout (see :func:`timestep_embedding`).
       dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
       remat: rematerialise each resblock / attention block in the backward pass.
+      remat_policy: what a rematerialised block keeps (``unclip_jax.models.remat``):
+        "full" (nothing), "dots" (Dense outputs) or "convs" (convolution and Dense
+        outputs: the backward pass recomputes only norms, activations and attention).
       attention_impl: "xla", "cudnn" or "auto", passed to ``dot_product_attention``.
     """
     in_channels: int = 3
@@ -98,6 +101,7 @@ class UNet(nn.Module):
     freq_shift: float = 0.0
     dtype: Any = "float32"
     remat: bool = False
+    remat_policy: str = "full"
     attention_impl: str = "xla"
 
     @property
@@ -168,7 +172,7 @@ class UNet(nn.Module):
             num_groups=self.num_groups, eps=self.norm_eps, fast_variance=self.norm_fast_variance,
             head_channels=self.head_channels,
             context_dim=self.context_dim, attention_impl=self.attention_impl, remat=self.remat,
-            dtype=dtype)
+            remat_policy=self.remat_policy, dtype=dtype)
 
         h = nn.Conv(chans[0], (3, 3), padding=1, dtype=dtype, name="conv_in")(x.astype(dtype))
         skips = [h]

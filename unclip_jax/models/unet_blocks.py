@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from unclip_jax.models.attention import dot_product_attention, mask_to_bias
+from unclip_jax.models.remat import remat_policy
 
 Dtype = Any
 
@@ -223,16 +224,17 @@ class BlockSettings:
     context_dim: int | None = None
     attention_impl: str = "xla"
     remat: bool = False
+    remat_policy: str = "full"
     dtype: Dtype = jnp.float32
 
     def resblock(self, channels: int, name: str, **kw) -> nn.Module:
-        cls = nn.remat(ResBlock) if self.remat else ResBlock
+        cls = nn.remat(ResBlock, policy=remat_policy(self.remat_policy)) if self.remat else ResBlock
         return cls(channels, scale_shift_norm=self.scale_shift_norm, dropout=self.dropout,
                    deterministic=self.deterministic, num_groups=self.num_groups, eps=self.eps,
                    fast_variance=self.fast_variance, dtype=self.dtype, name=name, **kw)
 
     def attention(self, name: str) -> nn.Module:
-        cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        cls = nn.remat(AttentionBlock, policy=remat_policy(self.remat_policy)) if self.remat else AttentionBlock
         return cls(self.head_channels, context_dim=self.context_dim, num_groups=self.num_groups,
                    eps=self.eps, fast_variance=self.fast_variance, dtype=self.dtype,
                    attention_impl=self.attention_impl, name=name)

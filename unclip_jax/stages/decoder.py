@@ -63,7 +63,7 @@ def decoder_spec(config) -> dict:
     if "model" in cfg:
         model = cfg["model"]
         unet = dict(model["unet"])
-        for key in ("dtype", "remat", "attention_impl"):
+        for key in ("dtype", "remat", "remat_policy", "attention_impl"):
             if key in model:
                 unet[key] = model[key]
         proj = dict(model["text_proj"], dtype=model.get("dtype", "float32"))

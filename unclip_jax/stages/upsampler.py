@@ -55,7 +55,7 @@ def upsampler_spec(config) -> dict:
     if "model" in cfg:
         model = cfg["model"]
         unet = dict(model["unet"])
-        for key in ("dtype", "remat", "attention_impl"):
+        for key in ("dtype", "remat", "remat_policy", "attention_impl"):
             if key in model:
                 unet[key] = model[key]
         size, low = int(model["image_size"]), int(model["low_res_size"])

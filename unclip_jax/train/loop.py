@@ -306,7 +306,7 @@ def _check_resume_compatible(saved: dict, config, directory: str) -> None:
         problems.append(f"stage {saved_config.get('stage')!r} vs {current.get('stage')!r}")
     old_model, new_model = saved_config.get("model", {}), current.get("model", {})
     for key in sorted(set(old_model) | set(new_model)):
-        if key in ("dtype", "remat"):  # compute settings, not parameters
+        if key in ("dtype", "remat", "remat_policy"):  # compute settings, not parameters
             continue
         if old_model.get(key) != new_model.get(key):
             problems.append(f"model.{key} {old_model.get(key)!r} vs {new_model.get(key)!r}")
