@@ -90,3 +90,7 @@ def test_even_length_padding_only_in_the_backward_pass():
             np.testing.assert_allclose(a, b, atol=1e-5)
         assert "pad" not in _primitives(jax.make_jaxpr(wrapped)(q, k, v, bias).jaxpr)
         assert "pad" in _primitives(jax.make_jaxpr(jax.grad(loss(wrapped)))(q, k, v).jaxpr)
+        # as the prior trains it: inside a remat'd block with the 'dots' policy
+        remat = jax.checkpoint(wrapped, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        for a, b in zip(jax.grad(loss(remat), argnums=(0, 1, 2))(q, k, v), g_plain):
+            np.testing.assert_allclose(a, b, atol=1e-5)
