@@ -19,6 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from unclip_jax.convert.common import ConversionError  # noqa: E402
 from unclip_jax.convert.prior import convert_prior, load_prior, main, save_prior  # noqa: E402
+from jaxpr_counts import primitive_counts  # noqa: E402
 from unclip_jax.models.prior import init_prior_params, prior_from_config  # noqa: E402
 
 TINY = dict(num_attention_heads=2, attention_head_dim=12, num_layers=1, embedding_dim=32,
@@ -139,13 +140,6 @@ def test_bf16_remat_dropout_options():
     assert float(jnp.max(jnp.abs(y1 - y2))) > 0  # dropout is active in training
 
 
-def _count_dots(jaxpr) -> int:
-    """dot_general equations of a jaxpr, those nested in remat/pjit included."""
-    from unclip_jax.stages.decoder import _sub_jaxprs  # the FLOP counter's jaxpr walk
-    return sum((eqn.primitive.name == "dot_general") + sum(_count_dots(sub) for sub in _sub_jaxprs(eqn))
-               for eqn in jaxpr.eqns)
-
-
 def test_remat_policies_change_recompute_not_gradients():
     config = dict(num_heads=2, head_dim=8, num_layers=2, embed_dim=16, num_text_tokens=5)
     params = init_prior_params(prior_from_config(config), jax.random.key(0))
@@ -155,7 +149,7 @@ def test_remat_policies_change_recompute_not_gradients():
                           "dots": dict(remat=True, remat_policy="dots")}.items():
         model = prior_from_config(config, **options)
         loss = lambda p: jnp.mean(model.apply({"params": p}, *inputs) ** 2)
-        dots[name] = _count_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+        dots[name] = primitive_counts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)["dot_general"]
         grads[name] = jax.jit(jax.grad(loss))(params)
     # Full remat recomputes every matmul of the forward pass; 'dots' only attention's two
     # batched products per layer (its Dense outputs are kept).

@@ -8,14 +8,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from jaxpr_counts import primitive_counts
 from unclip_jax.models.unet import UNet
-
-
-def _count(jaxpr, primitive: str) -> int:
-    """Equations of ``primitive`` in a jaxpr, those nested in remat/pjit included."""
-    from unclip_jax.stages.decoder import _sub_jaxprs  # the FLOP counter's jaxpr walk
-    return sum((eqn.primitive.name == primitive) + sum(_count(sub, primitive) for sub in _sub_jaxprs(eqn))
-               for eqn in jaxpr.eqns)
 
 
 def _unet(**options) -> UNet:
@@ -33,7 +27,7 @@ def test_remat_policies_change_recompute_not_gradients():
                           "convs": dict(remat=True, remat_policy="convs")}.items():
         model = _unet(**options)
         loss = lambda p: jnp.mean(model.apply({"params": p}, x, t) ** 2)
-        convs[name] = _count(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, "conv_general_dilated")
+        convs[name] = primitive_counts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)["conv_general_dilated"]
         grads[name] = jax.jit(jax.grad(loss))(params)
     # Full remat runs every block's convolutions again in the backward pass; 'convs' keeps
     # their outputs and recomputes none.
