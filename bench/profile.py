@@ -22,8 +22,9 @@ then one call under ``jax.profiler.trace`` (a Perfetto trace in ``--trace-dir``)
   stream order they take the stage of the op before them).
 
 The compiled program's HLO text goes to ``--trace-dir`` too (``hlo_b{B}.txt.gz``), for a
-closer look offline; ``--analyse`` re-reads a saved ``--trace-dir`` without a device. On a CPU the trace has no device line; the script then reports the
-host's XLA op events (``--size tiny``: a dry run of this script).
+closer look offline; ``--analyse`` re-reads a saved ``--trace-dir`` without a device. On a
+CPU the trace has no device line; the script then reports the host's XLA op events
+(``--size tiny``: a dry run of this script).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from bench import common
 
 STAGES = ("clip_text", "prior", "decoder", "super_res")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
-_CALLED = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
 
 
 def parse(argv=None):
