@@ -3,7 +3,7 @@
     python -m bench.shapes_decoder_probe [--pipeline DIR] [--num 64] [--decoder-steps 25,100]
 
 Decodes the true CLIP image embeddings of ``--num`` 'test'-split images (with their
-captions, as ``unclip_jax.recipe.score_true_embeddings``), then scores with the pixel oracle
+captions: ``unclip_jax.recipe.score_true_embeddings``), then scores with the pixel oracle
 (a) the pipeline's own output (decoder + learned upsampler) and (b) the decoder's output
 resized bilinearly to the same size (no learned upsampler), for each decoder step count.
 If (b) matches (a), the upsampler adds nothing and loses nothing: the decoder is the limit.
@@ -16,9 +16,6 @@ import argparse
 import dataclasses
 import json
 
-import numpy as np
-from PIL import Image
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,26 +26,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from unclip_jax.assets import default_checkpoint
-    from unclip_jax.data import oracle, shapes
     from unclip_jax.pipeline import load_pipeline
+    from unclip_jax.recipe import score_true_embeddings
+    from unclip_jax.stages.upsampler import upsampler_spec
     pipe = load_pipeline(args.pipeline or default_checkpoint())
-    batch = shapes.make_batch("test", 0, args.num, image_size=pipe.clip_config.vision.image_size, seed=1234)
-    z_i = pipe.encode_image(list(batch["image"]))
-    prompts = list(batch["caption"])
     decoder_only = dataclasses.replace(pipe, upsamplers=[])
-
-    def report(variant, steps, images):
-        scores = oracle.score(np.asarray(images), batch["objects"])
-        print(json.dumps({"variant": variant, "decoder_steps": steps, "n": args.num,
-                          **{k: round(v, 4) for k, v in scores.items() if isinstance(v, float)}}), flush=True)
+    out_size = upsampler_spec(pipe.upsamplers[-1].config)["image_size"] if pipe.upsamplers else None
 
     for steps in (int(s) for s in args.decoder_steps.split(",")):
-        full = pipe.images_from_embeddings(z_i, seed=args.seed, prompts=prompts, decoder_steps=steps)
-        report("decoder + learned upsampler", steps, full)
-        low = decoder_only.images_from_embeddings(z_i, seed=args.seed, prompts=prompts, decoder_steps=steps)
-        size = (full.shape[2], full.shape[1])
-        report("decoder, bilinear resize", steps,
-               np.stack([np.asarray(Image.fromarray(im).resize(size, Image.BILINEAR)) for im in low]))
+        for variant, p, resize in (("decoder + learned upsampler", pipe, None),
+                                   ("decoder, bilinear resize", decoder_only, out_size)):
+            scores = score_true_embeddings(p, num=args.num, seed=args.seed, resize_to=resize, decoder_steps=steps)
+            print(json.dumps({"variant": variant, "decoder_steps": steps, "n": args.num,
+                              **{k: round(v, 4) for k, v in scores.items() if isinstance(v, float)}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -216,17 +216,23 @@ def sample_and_score(pipeline_dir: str, prompts: Sequence[str], seed: int = 0, c
     return oracle.score(images, list(prompts)), seconds
 
 
-def score_true_embeddings(pipe, num: int = 64, seed: int = 0, data_seed: int = 1234) -> dict:
+def score_true_embeddings(pipe, num: int = 64, seed: int = 0, data_seed: int = 1234, *,
+                          resize_to: int | None = None, **overrides) -> dict:
     """Decoder + upsamplers alone: decodes the CLIP image embeddings of ``num`` 'test'-split
     images (with their captions) and scores the outputs against those images' objects.
     Set beside the prompt scores, this separates the prior's share of the errors from
-    the decoder's."""
+    the decoder's. ``resize_to`` resizes the outputs bilinearly (square) before scoring;
+    ``overrides`` are sampling settings (e.g. ``decoder_steps``)."""
     import numpy as np
     from unclip_jax.data import oracle, shapes
     size = pipe.clip_config.vision.image_size
     batch = shapes.make_batch("test", 0, num, image_size=size, seed=data_seed)
     z_i = pipe.encode_image(list(batch["image"]))
-    images = pipe.images_from_embeddings(z_i, seed=seed, prompts=list(batch["caption"]))
+    images = pipe.images_from_embeddings(z_i, seed=seed, prompts=list(batch["caption"]), **overrides)
+    if resize_to is not None:
+        from PIL import Image
+        images = np.stack([np.asarray(Image.fromarray(im).resize((resize_to, resize_to), Image.BILINEAR))
+                           for im in images])
     return oracle.score(np.asarray(images), batch["objects"])
 
 
