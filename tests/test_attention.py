@@ -1,3 +1,4 @@
+import functools
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -34,54 +35,27 @@ def test_auto_falls_back_to_xla_on_cpu():
 
 
 def test_padding_odd_lengths_to_even_changes_nothing():
-    # cuDNN differentiates biased attention only for even lengths; the padded problem must
-    # give the same outputs and gradients (checked here through the XLA path).
-    from unclip_jax.models.attention import _pad_lengths_to_even
+    # cuDNN attention runs odd lengths padded to even ones (its backward pass needs them);
+    # the padded problem must give the same outputs and gradients, also inside a remat'd
+    # block with the prior's 'dots' policy (checked here through the XLA path).
+    from unclip_jax.models.attention import _attend_at_even_lengths, _pad_lengths_to_even
 
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 8)), jnp.float32) for _ in range(3))
     mask = jnp.asarray([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], bool)
     bias = jnp.broadcast_to(mask_to_bias(mask), (2, 1, 5, 5))
-
-    def plain(q, k, v, causal):
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal)
-
-    def padded(q, k, v, causal):
-        qp, kp, vp, bp = _pad_lengths_to_even(q, k, v, bias)
-        assert qp.shape[1] % 2 == 0 and kp.shape[1] % 2 == 0 and bp.shape[2:] == (6, 6)
-        return jax.nn.dot_product_attention(qp, kp, vp, bias=bp, is_causal=causal)[:, :5]
+    qp, kp, vp, bp = _pad_lengths_to_even(q, k, v, bias)
+    assert qp.shape[1] == kp.shape[1] == vp.shape[1] == 6 and bp.shape[2:] == (6, 6)
 
     for causal in (False, True):
-        np.testing.assert_allclose(padded(q, k, v, causal), plain(q, k, v, causal), atol=1e-6)
-        loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a, causal)))
+        attend = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
+        plain = lambda q, k, v: attend(q, k, v, bias=bias)
+        padded = lambda q, k, v: _attend_at_even_lengths(attend, q, k, v, bias)
+        assert "pad" in primitive_counts(jax.make_jaxpr(padded)(q, k, v).jaxpr)
+        np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=1e-6)
+        loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
         g_plain = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
-        g_padded = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
-        for a, b in zip(g_padded, g_plain):
-            np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-def test_even_length_padding_only_in_the_backward_pass():
-    # Sampling runs the unpadded attention; jax.grad runs the padded one (cuDNN's backward
-    # needs even lengths). Checked through the XLA path: same values and gradients, and the
-    # pad shows up only where a VJP is traced.
-    from unclip_jax.models.attention import _even_lengths_for_backward
-
-    rng = np.random.default_rng(2)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 8)), jnp.float32) for _ in range(3))
-    mask = jnp.asarray([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], bool)
-    bias = jnp.broadcast_to(mask_to_bias(mask), (2, 1, 5, 5))
-    for causal in (False, True):
-        attend = lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal)
-        wrapped = _even_lengths_for_backward(attend)
-        np.testing.assert_array_equal(wrapped(q, k, v, bias), attend(q, k, v, bias))
-        loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, bias)))
-        g_plain = jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)
-        g_wrapped = jax.grad(loss(wrapped), argnums=(0, 1, 2))(q, k, v)
-        for a, b in zip(g_wrapped, g_plain):
-            np.testing.assert_allclose(a, b, atol=1e-5)
-        assert "pad" not in primitive_counts(jax.make_jaxpr(wrapped)(q, k, v, bias).jaxpr)
-        assert "pad" in primitive_counts(jax.make_jaxpr(jax.grad(loss(wrapped)))(q, k, v).jaxpr)
-        # as the prior trains it: inside a remat'd block with the 'dots' policy
-        remat = jax.checkpoint(wrapped, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        for a, b in zip(jax.grad(loss(remat), argnums=(0, 1, 2))(q, k, v), g_plain):
-            np.testing.assert_allclose(a, b, atol=1e-5)
+        remat = jax.checkpoint(padded, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        for f in (padded, remat):
+            for a, b in zip(jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v), g_plain):
+                np.testing.assert_allclose(a, b, atol=1e-5)
