@@ -16,9 +16,9 @@
 #                      ours_cold finished; the FLOP count of the program        (~70 s)
 #   profile            one profiled cascade call per cached batch (bench/profile.py): device time by
 #                      stage and kind of kernel, the trace and HLO in OUTDIR/profile/  (~40 s)
-#   train_prior        prior training step, batch 512                       (~60 s)
+#   train_prior        prior training step, batch 1024                      (~60 s)
 #   train_prior_dots   the same with remat_policy 'dots' (Dense outputs kept)  (~60 s)
-#   train_decoder      decoder training step (64px), batch 128 (compile > 150 s on an H200) (~200 s)
+#   train_decoder      decoder training step (64px), batch 64 (compile ~135 s on an H200) (~200 s)
 #   train_decoder_convs  the same with remat_policy 'convs' (conv + Dense outputs kept)   (~200 s)
 #   ours_pipeline      the user API (unclip_jax.pipeline.UnCLIPPipeline.text_to_image) at 8 (~90 s)
 #   ours_xla           ours with attention implementation 'xla' at batch 8  (~90 s)
@@ -54,7 +54,7 @@ if [[ "${BENCH_SIZE:-karlo}" == tiny ]]; then
 else
   SIZE=karlo; DIFF="--dtype fp16"; OURS="--size karlo"
   COLD=${BENCH_BATCHES:-8,32,1}; WARM=1,8,32; EXPORT_B=8; EAGER_B=${BENCH_BATCHES:-1,8,32}; COMPILE_B=8; TRAIN=""; REPS=2
-  PRIOR_B=${BENCH_PRIOR_BATCH:-512}; DECODER_B=${BENCH_DECODER_BATCH:-128}
+  PRIOR_B=${BENCH_PRIOR_BATCH:-1024}; DECODER_B=${BENCH_DECODER_BATCH:-64}
 fi
 EXPORTED=""
 # Every sampling batch goes through jax.export, so the second process traces no Python
