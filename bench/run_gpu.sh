@@ -18,7 +18,7 @@
 #                      stage and kind of kernel, the trace and HLO in OUTDIR/profile/  (~40 s)
 #   train_prior        prior training step, batch 1024                      (~60 s)
 #   train_prior_dots   the same with remat_policy 'dots' (Dense outputs kept)  (~60 s)
-#   train_decoder      decoder training step (64px), batch 64 (compile ~135 s on an H200) (~200 s)
+#   train_decoder      decoder training step (64px), batch 64 ('convs' compiled in 135 s on an H200) (~200 s)
 #   train_decoder_convs  the same with remat_policy 'convs' (conv + Dense outputs kept)   (~200 s)
 #   ours_pipeline      the user API (unclip_jax.pipeline.UnCLIPPipeline.text_to_image) at 8 (~90 s)
 #   ours_xla           ours with attention implementation 'xla' at batch 8  (~90 s)

@@ -29,9 +29,8 @@ def main(argv=None):
     for policy in args.policies.split(","):
         config = load_config(f"configs/{args.stage}.py:karlo",
                              [f"model.remat_policy={policy}", "model.attention_impl=xla"])
-        shapes, loss_fn, data, _ = stage_pieces(args.stage, config, 1, 0)
-        one = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), data)
-        residuals = saved_residuals(lambda p, b: loss_fn(p, b, jax.random.key(0))[0], shapes, one)
+        shapes, loss_fn, data, _ = stage_pieces(args.stage, config, 1, 0)  # data: one example
+        residuals = saved_residuals(lambda p, b: loss_fn(p, b, jax.random.key(0))[0], shapes, data)
         nbytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, why in residuals if "argument" not in why)
         print(json.dumps({"stage": args.stage, "remat_policy": policy, "residuals": len(residuals),
                           "GB_per_example": round(nbytes / 1e9, 3)}), flush=True)
