@@ -64,6 +64,16 @@ def test_exported_pipeline_loads_and_samples_64px(recipe_dir):
                               "a big orange square at the top"], seed=1)
     assert out["images"].shape == (4, 64, 64, 3) and out["images"].dtype == np.uint8
     assert out["stopped_at"] == "upsampler_0"
+    # The stage configs name the pipeline's own CLIP, not the training workdir's paths.
+    for stage in ("prior", "decoder"):
+        trained, exported = (_read_json(os.path.join(workdir, d, "config.json")) for d in (stage, f"pipeline/{stage}"))
+        assert exported["clip"] == {**trained["clip"], "path": "clip", "tokenizer": "tokenizer"}
+        assert trained["clip"]["path"] != "clip"
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def test_stages_are_finished_and_resumable(recipe_dir):

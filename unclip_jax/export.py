@@ -69,6 +69,16 @@ def sampling_defaults(prior: dict | None, decoder: dict | None, upsamplers: Sequ
     return out
 
 
+def pipeline_relative_clip(stage_config: dict) -> dict:
+    """``stage_config`` with its ``clip`` section naming the pipeline's own CLIP and tokenizer
+    (relative to the pipeline directory) instead of the training machine's paths, which
+    mean nothing once the pipeline is copied elsewhere. Nothing reads them when sampling:
+    they record which CLIP the stage was trained against."""
+    if "clip" not in stage_config:
+        return stage_config
+    return {**stage_config, "clip": {**stage_config["clip"], "path": "clip", "tokenizer": "tokenizer"}}
+
+
 def build_pipeline(clip: str, prior: str | None, decoder: str | None, upsamplers: Sequence[str],
                    tokenizer: str):
     """An ``UnCLIPPipeline`` from training work directories (see module doc)."""
@@ -84,11 +94,11 @@ def build_pipeline(clip: str, prior: str | None, decoder: str | None, upsamplers
     if prior:
         prior_cfg, pipe.prior_params = read_stage(prior, "prior")
         from unclip_jax.stages.prior import stats_from_config
-        pipe.prior_config = prior_cfg
+        pipe.prior_config = pipeline_relative_clip(prior_cfg)
         pipe.prior_stats = stats_from_config(prior_cfg)
     if decoder:
         decoder_cfg, pipe.decoder_params = read_stage(decoder, "decoder")
-        pipe.decoder_config = decoder_cfg
+        pipe.decoder_config = pipeline_relative_clip(decoder_cfg)
     up_cfgs = []
     for path in upsamplers:
         cfg, params = read_stage(path, "upsampler")
