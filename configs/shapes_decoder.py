@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     t = c.train
     t.batch_size = 8 if tiny else 32
-    t.steps = 4 if tiny else 2400
+    t.steps = 4 if tiny else 4800
     t.log_every = 2 if tiny else 50
     t.ckpt_every = 0 if tiny else 500
     t.sample_every = 0  # sample grids compile the sampler: minutes on a CPU

@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     t = c.train
     t.batch_size = 8 if tiny else 128
-    t.steps = 4 if tiny else 500
+    t.steps = 4 if tiny else 1500
     t.log_every = 2 if tiny else 50
     t.ckpt_every = 0 if tiny else 500
     t.eval_every = 0 if tiny else 500
