@@ -84,3 +84,12 @@ def test_report_ratios_and_verdicts(tmp_path):
     assert t["decoder training MFU >= 40%"][1] == "open (not measured)"
     assert s["errors"] == [{"file": "ours_cold", "what": "sampling batch 1", "error": "boom"}]
     assert "| 32 | 6.3 |" in report.markdown(s)
+
+
+def test_shapes_prior_probe_reads_variants():
+    from bench.shapes_prior_probe import parse_variant
+    assert parse_variant("true") == ("true", {})
+    assert parse_variant("prompt:prior_guidance=4.0,best_of_n=8") == ("prompt", {"prior_guidance": 4.0, "best_of_n": 8})
+    for bad in ("prior", "prompt:best_of_n"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
