@@ -18,6 +18,8 @@ import argparse
 import json
 import time
 
+DATA_SEED = 1234   # the 'test' images both variants use
+
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """``"prompt:prior_guidance=4.0,best_of_n=8"`` → ``('prompt', {...})`` (ints stay ints)."""
@@ -48,13 +50,13 @@ def main(argv=None):
     from unclip_jax.pipeline import load_pipeline
     from unclip_jax.recipe import score_true_embeddings
     pipe = load_pipeline(args.pipeline or default_checkpoint())
-    batch = shapes.make_batch("test", 0, args.num, image_size=pipe.clip_config.vision.image_size, seed=1234)
+    batch = shapes.make_batch("test", 0, args.num, image_size=pipe.clip_config.vision.image_size, seed=DATA_SEED)
     captions = list(batch["caption"])
 
     for name, kind, overrides in variants:
         start = time.perf_counter()
-        if kind == "true":  # the same images and captions as here (its data_seed is 1234)
-            scores = score_true_embeddings(pipe, num=args.num, seed=args.seed, **overrides)
+        if kind == "true":  # builds the same batch from the same seed, then decodes its true z_i
+            scores = score_true_embeddings(pipe, num=args.num, seed=args.seed, data_seed=DATA_SEED, **overrides)
         else:
             images = pipe.text_to_image(captions, seed=args.seed, **overrides)["images"]
             scores = oracle.score(np.asarray(images), batch["objects"])
