@@ -54,6 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     p.embed_norm = "l2" if small else "stats"   # 'stats' | 'scale' | 'l2'
     p.embed_scale = 17.2                        # for 'scale' (the paper)
     p.stats_path = ""                           # for 'stats': .npz, converted prior dir, or Karlo stats .th
+    # for 'l2': the norm of sampled embeddings (the training images' mean ‖z_i‖, which the
+    # decoder is trained on); None: measured when training starts (stages/prior.py)
+    p.l2_norm = ml_collections.config_dict.placeholder(float)
     p.cond_drop_prob = 0.1
     p.null_text = "auto"                        # 'auto' | 'batch' | 'zero' (stages/prior.py)
     p.schedule = "cosine"

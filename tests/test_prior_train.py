@@ -54,8 +54,16 @@ def test_embedding_spaces_round_trip(mode):
     else:
         np.testing.assert_allclose(np.linalg.norm(x, axis=1), 4.0, rtol=1e-5)  # √16
         np.testing.assert_allclose(back, z / np.linalg.norm(z, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+        # with l2_norm: the directions, at the norm the decoder was trained on
+        scaled = np.asarray(sp.denormalize_embed(x, stats, mode, l2_norm=7.5))
+        np.testing.assert_allclose(scaled, 7.5 * back, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="embed_norm"):
         sp.normalize_embed(z, stats, "pca")
+
+
+def test_l2_norm_must_be_positive():
+    with pytest.raises(ValueError, match="l2_norm"):
+        sp.split_config(tiny_config("prior.l2_norm=0.0"))
 
 
 def test_stats_files(tmp_path):
@@ -179,6 +187,11 @@ def test_shapes_encoded_with_clip_on_the_fly(tmp_path):
     params = sp.PriorStage().init_params(jax.random.key(0), config)
     loss, _ = jit_loss(config)(params, batch, jax.random.key(0))
     assert np.isfinite(float(loss))
+    # The 'l2' prior's output norm is measured from the training images before training.
+    assert config.prior.embed_norm == "l2" and config.prior.l2_norm is None
+    sp.PriorStage().prepare_config(config)
+    every = sp.preprocess_prior_batch([source[i] for i in range(16)], config)["image_embed"]
+    assert config.prior.l2_norm == pytest.approx(float(np.linalg.norm(every, axis=1).mean()), rel=1e-5)
 
 
 def test_precomputed_embeddings_source(tmp_path):

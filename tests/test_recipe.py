@@ -64,6 +64,12 @@ def test_exported_pipeline_loads_and_samples_64px(recipe_dir):
                               "a big orange square at the top"], seed=1)
     assert out["images"].shape == (4, 64, 64, 3) and out["images"].dtype == np.uint8
     assert out["stopped_at"] == "upsampler_0"
+    # The prior's z_i have the norm of the CLIP image embeddings the decoder trained on
+    # (its 'l2' space forgets it: unit vectors decoded 10-18 points worse, session 7).
+    from unclip_jax.data import shapes
+    images = shapes.make_batch("train", 0, 256, image_size=pipe.clip_config.vision.image_size)["image"]
+    trained_norm = float(np.linalg.norm(np.asarray(pipe.encode_image(list(images))), axis=1).mean())
+    np.testing.assert_allclose(np.linalg.norm(out["image_embeds"], axis=1), trained_norm, rtol=0.05)
     # The stage configs name the pipeline's own CLIP, not the training workdir's paths.
     for stage in ("prior", "decoder"):
         trained, exported = (_read_json(os.path.join(workdir, d, "config.json")) for d in (stage, f"pipeline/{stage}"))

@@ -5,8 +5,10 @@ Pieces (all pure JAX unless stated):
 - **Embedding space** (``config.prior.embed_norm``). The network works on x = norm(z_i):
     'stats': x = (z − clip_mean)/clip_std   (Karlo/diffusers; statistics stored with the weights)
     'scale': x = z · embed_scale            (the paper's fixed 17.2)
-    'l2':    x = z/‖z‖ · √D                 (lucidrains; the norm of z_i is not modelled, so
-                                             un-normalising returns the unit vector z/‖z‖)
+    'l2':    x = z/‖z‖ · √D                 (lucidrains; the norm of z_i is not modelled:
+                                             un-normalising gives x/‖x‖ · ``prior.l2_norm``, the
+                                             mean ‖z_i‖ of the training images, so the decoder
+                                             gets embeddings of the norm it was trained on)
   The statistics are a separate ``stats = {"clip_mean": (D,), "clip_std": (D,)}`` dict,
   never part of the trainable ``params`` (the optimizer cannot touch them). The text
   conditioning (z_t and the per-token encodings) is fed raw in every mode, as Karlo.
@@ -61,7 +63,7 @@ NULL_KEYS = ("null_text_embed", "null_text_hidden", "null_text_mask")
 
 # Defaults of the prior section, used when a bare model config is given (e.g. the config
 # returned by ``convert_prior``): Karlo/diffusers behaviour.
-PRIOR_DEFAULTS = dict(embed_norm="stats", embed_scale=17.2, stats_path="", cond_drop_prob=0.1,
+PRIOR_DEFAULTS = dict(embed_norm="stats", embed_scale=17.2, stats_path="", l2_norm=None, cond_drop_prob=0.1,
                       null_text="auto", schedule="cosine", num_timesteps=1000)
 
 
@@ -81,6 +83,8 @@ def split_config(config) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
         raise ValueError(f"config.prior.null_text must be one of {NULL_TEXT_MODES}, got {prior['null_text']!r}")
     if not 0.0 <= float(prior["cond_drop_prob"]) <= 1.0:
         raise ValueError(f"config.prior.cond_drop_prob must be in [0, 1], got {prior['cond_drop_prob']}")
+    if prior["l2_norm"] is not None and not float(prior["l2_norm"]) > 0.0:
+        raise ValueError(f"config.prior.l2_norm must be positive (or None), got {prior['l2_norm']}")
     return model, prior
 
 
@@ -112,9 +116,9 @@ def normalize_embed(z: jax.Array, stats: Mapping[str, Any] | None, embed_norm: s
 
 
 def denormalize_embed(x: jax.Array, stats: Mapping[str, Any] | None, embed_norm: str = "stats",
-                      embed_scale: float = 17.2) -> jax.Array:
+                      embed_scale: float = 17.2, l2_norm: float | None = None) -> jax.Array:
     """The prior's space x (…, D) -> CLIP image embedding (the inverse of :func:`normalize_embed`;
-    for 'l2' the unit vector x/‖x‖)."""
+    for 'l2' the vector x/‖x‖ · ``l2_norm``: the unit vector when ``l2_norm`` is None)."""
     x = jnp.asarray(x, jnp.float32)
     if embed_norm == "stats":
         _check_stats(stats)
@@ -122,7 +126,7 @@ def denormalize_embed(x: jax.Array, stats: Mapping[str, Any] | None, embed_norm:
     if embed_norm == "scale":
         return x / embed_scale
     if embed_norm == "l2":
-        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * (1.0 if l2_norm is None else float(l2_norm))
     raise ValueError(f"embed_norm must be one of {EMBED_NORMS}, got {embed_norm!r}")
 
 
@@ -382,7 +386,7 @@ def sample_prior(params, stats, config, text_embed, text_hidden, text_mask, null
     else:
         x0 = ddim_sample(fn, x_T, timesteps, schedule, key_steps, eta=eta, prediction_type=PREDICTION_TYPE,
                          clip_range=clip_range, noise=noise)
-    z = denormalize_embed(x0, stats, prior["embed_norm"], prior["embed_scale"]).reshape(b, n, d)
+    z = denormalize_embed(x0, stats, prior["embed_norm"], prior["embed_scale"], prior["l2_norm"]).reshape(b, n, d)
     best, index, scores = select_best_of_n(z, text_embed)
     return (best, (z, scores, index)) if return_candidates else best
 
@@ -664,6 +668,22 @@ def preprocess_prior_batch(examples, config) -> dict[str, np.ndarray]:
     return out
 
 
+def mean_image_embed_norm(config, num: int = 512, chunk: int = 256) -> float:
+    """Mean ‖z_i‖ over the CLIP image embeddings of the first ``num`` training examples
+    of ``config.data`` (encoded as the trainer encodes them): the norm an 'l2' prior's
+    samples get (``prior.l2_norm``), the scale the decoder sees in training."""
+    source = make_prior_source(config, "train")
+    if hasattr(source, "__getitem__"):
+        examples = [source[i] for i in range(min(num, len(source)))]
+    else:  # a streamed source
+        examples = list(itertools.islice(iter(source), num))
+    if not examples:
+        raise ValueError("mean_image_embed_norm: the training data has no examples")
+    norms = [np.linalg.norm(preprocess_prior_batch(examples[i:i + chunk], config)["image_embed"], axis=-1)
+             for i in range(0, len(examples), chunk)]
+    return float(np.mean(np.concatenate(norms)))
+
+
 # ----------------------------------------------------------------------------- trainer stage
 
 def _register():
@@ -671,6 +691,13 @@ def _register():
 
     class PriorStage(Stage):
         """The 'prior' stage for ``unclip_jax.train`` (see the module doc)."""
+
+        def prepare_config(self, config):
+            # 'l2' priors give out embeddings of the training images' mean norm (module
+            # doc); measured once here, then stored in the run's config.json.
+            if config.prior.get("embed_norm") == "l2" and config.prior.get("l2_norm") is None:
+                with config.unlocked():
+                    config.prior.l2_norm = mean_image_embed_norm(config)
 
         def init_params(self, key, config):
             return init_prior_params(build_model(config), key)

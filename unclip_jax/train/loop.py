@@ -382,8 +382,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
       ckpt_lib.NonFiniteError: a non-finite loss with ``train.skip_nonfinite=False``.
     """
     main = jax.process_index() == 0
+    stage = stage or get_stage(config.stage)
+    stage.prepare_config(config)
     trainer = Trainer(config, stage, mesh)
-    stage = trainer.stage
     t = config.train
     total = int(t.steps)
 

@@ -104,6 +104,11 @@ class Stage:
         raise NotImplementedError
 
     # -- accounting and hooks ---------------------------------------------------------
+    def prepare_config(self, config: Config) -> None:
+        """Fills in values measured from the data, in place, before the run's config.json
+        is written (e.g. the prior's ``l2_norm``). Deterministic, so every process and
+        every resume fills in the same. Default: nothing."""
+
     def flops_per_example(self, config: Config) -> float | None:
         """Training FLOPs (forward + backward, ≈ 3 × forward) per example, or None."""
         return None
