@@ -6,7 +6,9 @@
 ``configs/prior.py:shapes`` resized to the shapes CLIP (``configs/shapes_clip.py``: joint and
 text width 64; 32 for ``tiny``): captions and 32 px images are encoded with that CLIP on the
 fly, the null ("") text is its encoding of the empty prompt, embeddings are modelled on the
-sphere (``prior.embed_norm='l2'``). Variants: ``default`` (the recipe) and ``tiny`` (tests).
+sphere (``prior.embed_norm='l2'``) and sampled at the training images' mean ‖z_i‖
+(``prior.l2_norm``, measured when training starts: the scale the decoder trains on).
+Variants: ``default`` (the recipe) and ``tiny`` (tests).
 Evaluation: cos(sampled z_i, true z_i) on held-out captions against the unrelated-caption
 baseline (``stages/prior.py:evaluate_prior``).
 """
