@@ -27,12 +27,6 @@ import json
 import time
 
 DATA_SEED = 1234   # the 'test' images (as bench.shapes_prior_probe)
-_PLACE = {"left": "on the left", "right": "on the right", "top": "at the top",
-          "bottom": "at the bottom", "center": "in the center"}
-
-
-def _caption(obj: dict) -> str:
-    return f"a {obj['size']} {obj['color']} {obj['shape']} {_PLACE[obj['position']]}"
 
 
 def _unit(x):
@@ -71,7 +65,7 @@ def retrieval_scores(pipe, num: int, seed: int) -> dict:
     out = {"n": len(keep)}
     for attribute in shapes.ATTRIBUTES:
         values = shapes.VOCAB[attribute]
-        captions = [_caption({**o, attribute: v}) for o in objects for v in values]
+        captions = [shapes.caption_for([{**o, attribute: v}], None, 0) for o in objects for v in values]
         candidates = _unit(pipe.encode_text(captions).embed).reshape(len(keep), len(values), -1)
         truth = np.array([values.index(o[attribute]) for o in objects])
         out[attribute] = {name: round(float(np.mean(np.einsum("nd,nkd->nk", z, candidates).argmax(1) == truth)), 4)
