@@ -93,3 +93,15 @@ def test_shapes_prior_probe_reads_variants():
     for bad in ("prior", "prompt:best_of_n"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+
+
+def test_shapes_x0_probe_on_the_shipped_model(capsys):
+    """The probe runs on the shipped decoder; at t = 50 its x̂_0 background is near the truth."""
+    import json
+
+    from bench.shapes_x0_probe import main
+    main(["--num=4", "--timesteps=999,50"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["n"] == 4 and lines[0]["true_border_chroma"] < 30
+    assert [row["t"] for row in lines[1:]] == [999, 50]
+    assert lines[2]["border_colour_error"] < 5 and lines[2]["x0_mse"] < 0.01
