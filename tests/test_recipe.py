@@ -127,6 +127,41 @@ def test_float16_export_is_compact_and_samples_alike(recipe_dir, tmp_path):
     assert np.abs(a - b).mean() < 3.0
 
 
+def test_export_base_replaces_only_the_given_stage(recipe_dir, tmp_path):
+    """``--base``: a pipeline with one stage swapped for a training run's; the rest, the
+    tokenizer and the other stages' sampling defaults stay the base's."""
+    import jax
+    from unclip_jax.export import ExportError, export
+    from unclip_jax.export import main as export_main
+    from unclip_jax.pipeline import load_pipeline
+    workdir, _ = recipe_dir
+    base_dir = os.path.join(workdir, "pipeline")
+    base_json = json.load(open(os.path.join(base_dir, "pipeline.json")))
+    # A base whose decoder and prior defaults differ from the stage configs', so that replacing
+    # the decoder visibly takes the decoder's defaults and keeps the prior's.
+    edited = str(tmp_path / "edited_base")
+    export(edited, None, None, None, [], None, base=base_dir)
+    manifest = json.load(open(os.path.join(edited, "pipeline.json")))
+    manifest["defaults"].update(decoder_steps=11, prior_steps=13)
+    json.dump(manifest, open(os.path.join(edited, "pipeline.json"), "w"))
+
+    out = str(tmp_path / "swapped")
+    export_main([f"--base={edited}", f"--decoder={workdir}/decoder", f"--out={out}", "--storage_dtype=float32"])
+    swapped, base = load_pipeline(out), load_pipeline(edited)
+    defaults = json.load(open(os.path.join(out, "pipeline.json")))["defaults"]
+    assert defaults["decoder_steps"] == base_json["defaults"]["decoder_steps"] == 5  # the decoder config's
+    assert defaults["prior_steps"] == 13                                             # kept from the base
+    for name in ("clip_params", "prior_params"):
+        for x, y in zip(jax.tree_util.tree_leaves(getattr(swapped, name)), jax.tree_util.tree_leaves(getattr(base, name))):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert len(swapped.upsamplers) == 1
+    assert sorted(os.listdir(os.path.join(out, "tokenizer"))) == sorted(os.listdir(os.path.join(base_dir, "tokenizer")))
+    with pytest.raises(ExportError, match="--out must differ from --base"):
+        export(edited, None, None, None, [], None, base=edited)
+    with pytest.raises(ExportError, match="needs --clip and --tokenizer"):
+        export(str(tmp_path / "x"), None, f"{workdir}/prior", None, [], None)
+
+
 def test_sample_py_runs_on_the_exported_pipeline(recipe_dir, tmp_path):
     workdir, _ = recipe_dir
     out = tmp_path / "samples"

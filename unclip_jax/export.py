@@ -9,6 +9,12 @@ latest step are read, or the raw ones when the run kept no EMA). ``--upsampler``
 repeated: cascade order. Sampling defaults of the pipeline come from the stage configs'
 ``sample`` sections (prior steps, guidance, best-of-n; decoder steps and guidance;
 upsampler steps).
+
+``--base=PIPELINE`` starts from an exported pipeline instead and replaces only the stages
+given (``--upsampler`` replaces the whole list), e.g. a decoder retrained against the
+base's CLIP; each replaced stage's sampling defaults replace the base's:
+
+    python -m unclip_jax.export --base=unclip_jax/assets/shapes_pipeline --decoder=W/decoder --out=W/pipeline
 """
 
 from __future__ import annotations
@@ -51,10 +57,12 @@ def clip_config_of(stage_config: dict):
     return model_config_from(stage_config["model"])
 
 
-def sampling_defaults(prior: dict | None, decoder: dict | None, upsamplers: Sequence[dict]) -> dict:
-    """Pipeline sampling defaults from the stages' ``sample`` sections."""
+def sampling_defaults(prior: dict | None, decoder: dict | None, upsamplers: Sequence[dict],
+                      base: dict | None = None) -> dict:
+    """Pipeline sampling defaults from the stages' ``sample`` sections, over ``base`` (default:
+    ``DEFAULT_SETTINGS``)."""
     from unclip_jax.pipeline import DEFAULT_SETTINGS
-    out = dict(DEFAULT_SETTINGS)
+    out = dict(DEFAULT_SETTINGS if base is None else base)
     if prior and "sample" in prior:
         s = prior["sample"]
         out.update(prior_steps=int(s["steps"]), prior_guidance=float(s["guidance_scale"]),
@@ -79,17 +87,33 @@ def pipeline_relative_clip(stage_config: dict) -> dict:
     return {**stage_config, "clip": {**stage_config["clip"], "path": "clip", "tokenizer": "tokenizer"}}
 
 
-def build_pipeline(clip: str, prior: str | None, decoder: str | None, upsamplers: Sequence[str],
-                   tokenizer: str):
-    """An ``UnCLIPPipeline`` from training work directories (see module doc)."""
-    from unclip_jax.pipeline import UnCLIPPipeline, Upsampler
+def build_pipeline(clip: str | None, prior: str | None, decoder: str | None, upsamplers: Sequence[str],
+                   tokenizer: str | None, *, base: str | None = None):
+    """An ``UnCLIPPipeline`` from training work directories, or from the pipeline directory
+    ``base`` with the given stages replaced (see module doc)."""
+    from unclip_jax.pipeline import UnCLIPPipeline, Upsampler, load_pipeline
     from unclip_jax.tokenizer import load_tokenizer
-    if upsamplers and not decoder:
-        raise ExportError("upsamplers need a decoder")
-    if decoder and not prior:
-        raise ExportError("a decoder needs a prior (text → image embedding)")
-    clip_cfg, clip_params = read_stage(clip, "clip")
-    pipe = UnCLIPPipeline(load_tokenizer(tokenizer), clip_config_of(clip_cfg), clip_params)
+    if base is None:
+        if not clip or not tokenizer:
+            raise ExportError("a new pipeline needs --clip and --tokenizer (or start from --base)")
+        if upsamplers and not decoder:
+            raise ExportError("upsamplers need a decoder")
+        if decoder and not prior:
+            raise ExportError("a decoder needs a prior (text → image embedding)")
+        clip_cfg, clip_params = read_stage(clip, "clip")
+        pipe = UnCLIPPipeline(load_tokenizer(tokenizer), clip_config_of(clip_cfg), clip_params)
+    else:
+        pipe = load_pipeline(base)
+        if tokenizer:
+            pipe.tokenizer = load_tokenizer(tokenizer)
+        if clip:
+            clip_cfg, pipe.clip_params = read_stage(clip, "clip")
+            pipe.clip_config = clip_config_of(clip_cfg)
+            pipe.__post_init__()   # the jitted encoders close over the CLIP config
+        if upsamplers:
+            pipe.upsamplers = []
+        if pipe.upsamplers and not (decoder or pipe.decoder_params is not None):
+            raise ExportError("upsamplers need a decoder")
     prior_cfg = decoder_cfg = None
     if prior:
         prior_cfg, pipe.prior_params = read_stage(prior, "prior")
@@ -104,38 +128,46 @@ def build_pipeline(clip: str, prior: str | None, decoder: str | None, upsamplers
         cfg, params = read_stage(path, "upsampler")
         up_cfgs.append(cfg)
         pipe.upsamplers.append(Upsampler(cfg, params, None))
-    pipe.defaults = sampling_defaults(prior_cfg, decoder_cfg, up_cfgs)
+    pipe.defaults = sampling_defaults(prior_cfg, decoder_cfg, up_cfgs, base=pipe.defaults if base else None)
     from unclip_jax.pipeline import _check_fits
     _check_fits(pipe)
     return pipe
 
 
-def export(out: str, clip: str, prior: str | None, decoder: str | None, upsamplers: Sequence[str],
-           tokenizer: str, *, storage_dtype: str | None = None) -> str:
+def export(out: str, clip: str | None, prior: str | None, decoder: str | None, upsamplers: Sequence[str],
+           tokenizer: str | None, *, storage_dtype: str | None = None, base: str | None = None) -> str:
     """Writes the pipeline directory ``out``; returns it. ``storage_dtype`` ('float16' |
-    'float32'): flat safetensors parameters in that dtype instead of orbax checkpoints."""
+    'float32'): flat safetensors parameters in that dtype instead of orbax checkpoints.
+    ``base``: a pipeline directory whose stages the given ones replace (module doc)."""
     from unclip_jax.pipeline import save_pipeline
-    pipe = build_pipeline(clip, prior, decoder, upsamplers, tokenizer)
+    if base is not None and os.path.abspath(base) == os.path.abspath(out):
+        raise ExportError("--out must differ from --base (the base is read while the output is written)")
+    pipe = build_pipeline(clip, prior, decoder, upsamplers, tokenizer, base=base)
+    if tokenizer is None:
+        with open(os.path.join(base, "pipeline.json")) as f:
+            tokenizer = os.path.join(base, json.load(f)["components"]["tokenizer"])
     save_pipeline(out, pipe, tokenizer, storage_dtype=storage_dtype)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unclip_jax.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--clip", required=True, help="work directory of the clip stage")
+    parser.add_argument("--base", help="pipeline directory to start from: the stages given replace its own")
+    parser.add_argument("--clip", help="work directory of the clip stage (required without --base)")
     parser.add_argument("--prior", help="work directory of the prior stage")
     parser.add_argument("--decoder", help="work directory of the decoder stage")
     parser.add_argument("--upsampler", action="append", default=[],
                         help="work directory of an upsampler stage (repeat, in cascade order)")
-    parser.add_argument("--tokenizer", required=True, help="CLIP tokenizer directory")
+    parser.add_argument("--tokenizer", help="CLIP tokenizer directory (required without --base)")
     parser.add_argument("--out", required=True, help="output pipeline directory")
     parser.add_argument("--storage_dtype", choices=("float16", "float32"),
                         help="store parameters as flat safetensors in this dtype (default: orbax, float32)")
     args = parser.parse_args(argv)
+    from unclip_jax.pipeline import PipelineError
     try:
         export(args.out, args.clip, args.prior, args.decoder, args.upsampler, args.tokenizer,
-               storage_dtype=args.storage_dtype)
-    except ExportError as e:
+               storage_dtype=args.storage_dtype, base=args.base)
+    except (ExportError, PipelineError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote pipeline to {args.out}")
 
