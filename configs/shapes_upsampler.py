@@ -4,8 +4,8 @@
 
 ``configs/upsampler.py:tiny`` as a 32→64 step: an attention-free UNet (32/64 channels),
 trained on random 32 px crops of 64 px captioned-shapes images with the blurred 32 px
-image as conditioning, sampled with 7 ancestral steps. It needs no CLIP. Variants:
-``default`` (the recipe) and ``tiny`` (tests).
+image as conditioning, predicting v instead of Karlo's ε (below), sampled with 7 ancestral
+steps. It needs no CLIP. Variants: ``default`` (the recipe) and ``tiny`` (tests).
 """
 
 import os
@@ -30,6 +30,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.unet.num_res_blocks = 1
     m.unet.time_embed_dim = 4 * m.unet.base_channels
     c.augment.crop_fraction = 0.5
+    # v-prediction (Salimans & Ho 2022): x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v̂ is well conditioned at the first
+    # sampling steps, where an ε-model's x̂_0 = (x_t − √(1−ᾱ)·ε̂)/√ᾱ multiplies its error by
+    # up to 2e4 (√ᾱ_999 ≈ 5e-5) and the clipped result is a saturated colour. Same 500 steps,
+    # on the dataset's own 32 px renders: colour kept 100 % (v) vs 95.2 % (ε), measured with
+    # `python -m bench.shapes_upsampler_probe` (README, "The embedded default").
+    c.diffusion.prediction_type = "v_prediction"
     c.sample.steps = 3 if tiny else 7
     c.sample.num = 4
 

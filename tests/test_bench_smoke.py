@@ -105,3 +105,16 @@ def test_shapes_x0_probe_on_the_shipped_model(capsys):
     assert lines[0]["n"] == 4 and lines[0]["true_border_chroma"] < 30
     assert [row["t"] for row in lines[1:]] == [999, 50]
     assert lines[2]["border_colour_error"] < 5 and lines[2]["x0_mse"] < 0.01
+
+
+def test_shapes_upsampler_probe_on_the_shipped_model(capsys):
+    """The probe runs on the shipped upsampler; the bilinear baseline keeps every attribute."""
+    import json
+
+    from bench.shapes_upsampler_probe import main
+    main(["--num=4", "--steps=2"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["variant"], r["upsampler_steps"]) for r in rows] == [("bilinear resize", None),
+                                                                    ("learned upsampler", 2)]
+    assert all(rows[0][k] == 1.0 for k in ("color", "shape", "size", "position"))
+    assert all(0.0 <= rows[1][k] <= 1.0 for k in ("color", "shape", "size", "position"))
