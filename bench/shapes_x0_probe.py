@@ -10,7 +10,7 @@ Prints one JSON line per timestep: the MSE of x̂_0, and the mean colour of the 
 of the RGB means, 0–255; the dataset's backgrounds are muted greys, chroma ≈ 11).
 
 An ε-predicting model must reach x̂_0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t: at the first sampling step
-(t = 999, √ᾱ ≈ 1e-4 for the cosine schedule) any error in ε̂ is multiplied by ~1e4, and the
+(t = 999, √ᾱ ≈ 5e-5 for the cosine schedule) any error in ε̂ is multiplied by ~2e4, and the
 clipped x̂_0 is a saturated random colour that the next steps take for signal.
 """
 
