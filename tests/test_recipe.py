@@ -127,6 +127,21 @@ def test_float16_export_is_compact_and_samples_alike(recipe_dir, tmp_path):
     assert np.abs(a - b).mean() < 3.0
 
 
+def test_score_only_mode_writes_the_sample_scores(recipe_dir, tmp_path):
+    from unclip_jax.recipe import main as recipe_main
+    workdir, report = recipe_dir
+    out = tmp_path / "scores.json"
+    recipe_main([f"--score={workdir}/pipeline", "--num_prompts=4", "--num_true=8", f"--out={out}"])
+    scores = json.load(open(out))
+    assert scores["num_prompts"] == 4 and scores["oracle_true_embeddings"]["n"] == 8
+    # the same pipeline, prompts and seed as the recipe's own evaluation: the same scores
+    for key in ("oracle", "oracle_true_embeddings"):  # as JSON: NaN (no held-out examples) == NaN
+        assert json.dumps(scores[key], sort_keys=True) == json.dumps(report[key], sort_keys=True), key
+    assert scores["sampling_settings"] == report["sampling_settings"]
+    with pytest.raises(SystemExit):
+        recipe_main(["--num_prompts=4"])  # neither --workdir nor --score
+
+
 def test_export_base_replaces_only_the_given_stage(recipe_dir, tmp_path):
     """``--base``: a pipeline with one stage swapped for a training run's; the rest, the
     tokenizer and the other stages' sampling defaults stay the base's."""

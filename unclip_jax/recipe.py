@@ -1,6 +1,7 @@
 """The embedded default: train the whole unCLIP stack on captioned shapes, export, score.
 
     python -m unclip_jax.recipe --workdir=DIR [--tiny] [--num_prompts=200]
+    python -m unclip_jax.recipe --score=PIPELINE [--num_prompts=200] [--out=FILE]   # scores only
 
 Steps (each stage's training is resumable: rerun the same command after an interruption
 and finished stages are skipped, an unfinished one continues from its last checkpoint):
@@ -241,6 +242,31 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
+def score_pipeline(pipeline_dir: str, num_prompts: int = 200, seed: int = 0, num_true: int = 64,
+                   samples_png: str | None = None) -> dict:
+    """The sample scores of the recipe's report for an exported pipeline (no training, no
+    stage workdirs): ``oracle`` for ``num_prompts`` evaluation prompts, ``oracle_true_embeddings``
+    (decoder + upsamplers from ``num_true`` test images' z_i), ``num_prompts``, ``sampling_s``,
+    ``sampling_settings`` and ``machine``. ``samples_png``: a grid of the first 64 samples."""
+    import jax
+    from unclip_jax.pipeline import load_pipeline
+    if num_prompts < 2:
+        raise ValueError(f"num_prompts must be >= 2 (test and held-out prompts), got {num_prompts}")
+    prompts = evaluation_prompts(num_prompts)
+    pipe = load_pipeline(pipeline_dir)
+    oracle_scores, sample_s = sample_and_score(pipeline_dir, prompts, seed=seed, pipe=pipe, samples_png=samples_png)
+    return {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "jax_backend": jax.default_backend(), "devices": jax.device_count()},
+        "oracle": oracle_scores,
+        "num_prompts": len(prompts),
+        # decoder + upsampler from true CLIP image embeddings of test images (no prior)
+        "oracle_true_embeddings": score_true_embeddings(pipe, num=num_true, seed=seed),
+        "sampling_s": sample_s,
+        "sampling_settings": _read_json(os.path.join(pipeline_dir, "pipeline.json"))["defaults"],
+    }
+
+
 def _met(report: dict) -> dict[str, bool]:
     s, c = report["oracle"], report["clip"]
     out = {a: bool(s[a] >= TARGETS[a]) for a in ("color", "shape", "size", "position")}
@@ -256,7 +282,6 @@ def _met(report: dict) -> dict[str, bool]:
 def run(workdir: str, tiny: bool = False, num_prompts: int = 200, seed: int = 0,
         steps: dict[str, int] | None = None) -> dict:
     """The whole recipe (module doc); returns the report (also written to DIR/report.json)."""
-    import jax
     from unclip_jax.export import export
     os.makedirs(workdir, exist_ok=True)
     if num_prompts < 2:
@@ -283,27 +308,17 @@ def run(workdir: str, tiny: bool = False, num_prompts: int = 200, seed: int = 0,
     start = time.perf_counter()
     clip_scores = evaluate_clip(workdir, configs["clip"])
     prior_scores = evaluate_prior(workdir, configs["prior"])
-    prompts = evaluation_prompts(num_prompts)
-    from unclip_jax.pipeline import load_pipeline
-    pipe = load_pipeline(pipeline_dir)
-    oracle_scores, sample_s = sample_and_score(pipeline_dir, prompts, seed=seed, pipe=pipe,
-                                               samples_png=os.path.join(workdir, "samples.png"))
-    true_embedding_scores = score_true_embeddings(pipe, num=8 if tiny else 64, seed=seed)
+    scores = score_pipeline(pipeline_dir, num_prompts, seed=seed, num_true=8 if tiny else 64,
+                            samples_png=os.path.join(workdir, "samples.png"))
     report = {
         "tiny": bool(tiny),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "jax_backend": jax.default_backend(), "devices": jax.device_count()},
+        "machine": scores.pop("machine"),
         "training": {name: timings.get(name, {}) for name in STAGES},
         "total_training_s": float(sum(t.get("train_s", 0.0) for t in timings.values())),
         "clip": clip_scores,
         "prior": prior_scores,
-        "oracle": oracle_scores,
-        "num_prompts": len(prompts),
-        # decoder + upsampler from true CLIP image embeddings of test images (no prior)
-        "oracle_true_embeddings": true_embedding_scores,
-        "sampling_s": sample_s,
+        **scores,
         "evaluation_s": time.perf_counter() - start,
-        "sampling_settings": _read_json(os.path.join(pipeline_dir, "pipeline.json"))["defaults"],
         "targets": TARGETS,
     }
     report["targets_met"] = _met(report)
@@ -314,12 +329,27 @@ def run(workdir: str, tiny: bool = False, num_prompts: int = 200, seed: int = 0,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unclip_jax.recipe", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="directory for every stage, the pipeline and report")
+    parser.add_argument("--workdir", help="directory for every stage, the pipeline and report")
+    parser.add_argument("--score", metavar="PIPELINE",
+                        help="only score this exported pipeline (oracle on --num_prompts prompts and on test "
+                             "images' true z_i); prints the JSON, or writes it to --out")
+    parser.add_argument("--out", help="with --score: JSON file to write")
+    parser.add_argument("--num_true", type=int, default=64, help="with --score: test images decoded from their z_i")
     parser.add_argument("--tiny", action="store_true", help="tiny models, a few steps (smoke test)")
     parser.add_argument("--num_prompts", type=int, default=200, help="prompts sampled and scored")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--steps", default="", help="train.steps overrides, e.g. clip:800,decoder:2000")
     args = parser.parse_args(argv)
+    if args.score:
+        scores = score_pipeline(args.score, args.num_prompts, seed=args.seed, num_true=args.num_true)
+        text = json.dumps(scores, indent=2, default=float)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        print(text)
+        return
+    if not args.workdir:
+        parser.error("--workdir is required (or --score=PIPELINE)")
     try:
         steps = parse_steps(args.steps)
     except ValueError as e:
