@@ -20,6 +20,7 @@ base's CLIP; each replaced stage's sampling defaults replace the base's:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -93,27 +94,27 @@ def build_pipeline(clip: str | None, prior: str | None, decoder: str | None, ups
     ``base`` with the given stages replaced (see module doc)."""
     from unclip_jax.pipeline import UnCLIPPipeline, Upsampler, load_pipeline
     from unclip_jax.tokenizer import load_tokenizer
-    if base is None:
-        if not clip or not tokenizer:
-            raise ExportError("a new pipeline needs --clip and --tokenizer (or start from --base)")
-        if upsamplers and not decoder:
-            raise ExportError("upsamplers need a decoder")
-        if decoder and not prior:
-            raise ExportError("a decoder needs a prior (text → image embedding)")
+    if base is None and (not clip or not tokenizer):
+        raise ExportError("a new pipeline needs --clip and --tokenizer (or start from --base)")
+    kept = load_pipeline(base) if base is not None else None
+    has_prior = bool(prior) or (kept is not None and kept.prior_params is not None)
+    has_decoder = bool(decoder) or (kept is not None and kept.decoder_params is not None)
+    if (upsamplers or (kept is not None and kept.upsamplers)) and not has_decoder:
+        raise ExportError("upsamplers need a decoder")
+    if has_decoder and not has_prior:
+        raise ExportError("a decoder needs a prior (text → image embedding)")
+    if kept is None:
         clip_cfg, clip_params = read_stage(clip, "clip")
         pipe = UnCLIPPipeline(load_tokenizer(tokenizer), clip_config_of(clip_cfg), clip_params)
     else:
-        pipe = load_pipeline(base)
+        changes = {"upsamplers": []} if upsamplers else {}
         if tokenizer:
-            pipe.tokenizer = load_tokenizer(tokenizer)
+            changes["tokenizer"] = load_tokenizer(tokenizer)
         if clip:
-            clip_cfg, pipe.clip_params = read_stage(clip, "clip")
-            pipe.clip_config = clip_config_of(clip_cfg)
-            pipe.__post_init__()   # the jitted encoders close over the CLIP config
-        if upsamplers:
-            pipe.upsamplers = []
-        if pipe.upsamplers and not (decoder or pipe.decoder_params is not None):
-            raise ExportError("upsamplers need a decoder")
+            clip_cfg, changes["clip_params"] = read_stage(clip, "clip")
+            changes["clip_config"] = clip_config_of(clip_cfg)
+        # a new instance: its jitted encoders are built for its own CLIP config
+        pipe = dataclasses.replace(kept, **changes) if changes else kept
     prior_cfg = decoder_cfg = None
     if prior:
         prior_cfg, pipe.prior_params = read_stage(prior, "prior")
