@@ -192,6 +192,11 @@ def test_shapes_encoded_with_clip_on_the_fly(tmp_path):
     sp.PriorStage().prepare_config(config)
     every = sp.preprocess_prior_batch([source[i] for i in range(16)], config)["image_embed"]
     assert config.prior.l2_norm == pytest.approx(float(np.linalg.norm(every, axis=1).mean()), rel=1e-5)
+    # A resumed run takes the value stored with its checkpoint instead of measuring again.
+    resumed = load_config("configs/prior.py:shapes", [f"clip.path={tmp_path / 'clip'}", f"clip.tokenizer={tok_dir}",
+                                                      "data.image_size=32", "data.num_examples=0"])
+    sp.PriorStage().prepare_config(resumed, {"prior": {"l2_norm": 3.25}})
+    assert resumed.prior.l2_norm == 3.25
 
 
 def test_precomputed_embeddings_source(tmp_path):

@@ -177,6 +177,30 @@ def test_export_base_replaces_only_the_given_stage(recipe_dir, tmp_path):
         export(str(tmp_path / "x"), None, f"{workdir}/prior", None, [], None)
 
 
+def test_runs_without_a_recorded_l2_norm(recipe_dir, tmp_path):
+    """A prior run from before ``prior.l2_norm`` was recorded: export measures it (as
+    training does), and a pipeline still missing it warns instead of silently decoding
+    unit vectors."""
+    import shutil
+    from unclip_jax.export import with_l2_norm
+    from unclip_jax.pipeline import load_pipeline
+    workdir, _ = recipe_dir
+    trained = _read_json(os.path.join(workdir, "prior", "config.json"))
+    assert trained["prior"]["embed_norm"] == "l2" and trained["prior"]["l2_norm"] > 0
+    old = {**trained, "prior": {k: v for k, v in trained["prior"].items() if k != "l2_norm"}}
+    assert with_l2_norm(old)["prior"]["l2_norm"] == pytest.approx(trained["prior"]["l2_norm"], rel=1e-4)
+    assert with_l2_norm(trained) is trained
+
+    pipeline = str(tmp_path / "pipeline")
+    shutil.copytree(os.path.join(workdir, "pipeline"), pipeline)
+    config_path = os.path.join(pipeline, "prior", "config.json")
+    exported = _read_json(config_path)
+    del exported["prior"]["l2_norm"]
+    json.dump(exported, open(config_path, "w"))
+    with pytest.warns(UserWarning, match="unit vectors"):
+        load_pipeline(pipeline)
+
+
 def test_sample_py_runs_on_the_exported_pipeline(recipe_dir, tmp_path):
     workdir, _ = recipe_dir
     out = tmp_path / "samples"

@@ -52,6 +52,21 @@ def read_stage(workdir: str, stage: str) -> tuple[dict, Any]:
     return config, params
 
 
+def with_l2_norm(prior_config: dict) -> dict:
+    """An 'l2' prior's config with ``prior.l2_norm`` (the norm its samples get): runs
+    trained before that value was recorded lack it, and would give the decoder unit
+    vectors; it is measured here from the run's data and CLIP, as training now does."""
+    prior = prior_config.get("prior") or {}
+    if prior.get("embed_norm") != "l2" or prior.get("l2_norm") is not None:
+        return prior_config
+    import ml_collections
+    from unclip_jax.stages.prior import mean_image_embed_norm
+    norm = mean_image_embed_norm(ml_collections.ConfigDict(prior_config))
+    print(f"[export] the 'l2' prior's run records no prior.l2_norm; measured {norm:.4g} "
+          "(mean norm of its training images' CLIP embeddings)", file=sys.stderr, flush=True)
+    return {**prior_config, "prior": {**prior, "l2_norm": norm}}
+
+
 def clip_config_of(stage_config: dict):
     """The ``CLIPConfig`` of a 'clip' stage config dict."""
     from unclip_jax.stages.clip import model_config_from
@@ -118,6 +133,7 @@ def build_pipeline(clip: str | None, prior: str | None, decoder: str | None, ups
     prior_cfg = decoder_cfg = None
     if prior:
         prior_cfg, pipe.prior_params = read_stage(prior, "prior")
+        prior_cfg = with_l2_norm(prior_cfg)
         from unclip_jax.stages.prior import stats_from_config
         pipe.prior_config = pipeline_relative_clip(prior_cfg)
         pipe.prior_stats = stats_from_config(prior_cfg)

@@ -32,6 +32,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
@@ -570,13 +571,20 @@ def load_pipeline(path: str) -> UnCLIPPipeline:
 
 
 def _check_fits(pipe: UnCLIPPipeline) -> None:
-    """Checks that the stages' widths agree with CLIP's (a checkpoint that does not match)."""
+    """Checks that the stages' widths agree with CLIP's (a checkpoint that does not match);
+    warns when an 'l2' prior lacks the norm its decoder expects."""
     d = pipe.clip_config.projection_dim
     problems = []
     if pipe.prior_config is not None:
-        model_cfg, _ = prior_stage.split_config(pipe.prior_config)
+        model_cfg, prior_settings = prior_stage.split_config(pipe.prior_config)
         if model_cfg.get("embed_dim", d) != d:
             problems.append(f"prior embed_dim {model_cfg.get('embed_dim')} != CLIP projection_dim {d}")
+        if (prior_settings["embed_norm"] == "l2" and prior_settings["l2_norm"] is None
+                and pipe.decoder_config is not None):
+            warnings.warn("the prior normalises embeddings to unit length ('l2') and records no "
+                          "prior.l2_norm, so the decoder gets unit vectors instead of embeddings "
+                          "at the norm it was trained on; re-export the prior with "
+                          "`python -m unclip_jax.export` (it measures the norm)", stacklevel=3)
     if pipe.decoder_config is not None:
         proj = decoder_stage.decoder_spec(pipe.decoder_config)["text_proj"]
         if proj.get("clip_embeddings_dim", d) != d:

@@ -692,12 +692,14 @@ def _register():
     class PriorStage(Stage):
         """The 'prior' stage for ``unclip_jax.train`` (see the module doc)."""
 
-        def prepare_config(self, config):
+        def prepare_config(self, config, saved=None):
             # 'l2' priors give out embeddings of the training images' mean norm (module
-            # doc); measured once here, then stored in the run's config.json.
+            # doc); measured when a run starts, then stored with its checkpoints and
+            # config.json; a resumed run takes the checkpoint's value.
             if config.prior.get("embed_norm") == "l2" and config.prior.get("l2_norm") is None:
                 with config.unlocked():
-                    config.prior.l2_norm = mean_image_embed_norm(config)
+                    config.prior.l2_norm = (((saved or {}).get("prior") or {}).get("l2_norm")
+                                            or mean_image_embed_norm(config))
 
         def init_params(self, key, config):
             return init_prior_params(build_model(config), key)

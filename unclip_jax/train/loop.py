@@ -383,10 +383,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
     """
     main = jax.process_index() == 0
     stage = stage or get_stage(config.stage)
-    stage.prepare_config(config)
-    trainer = Trainer(config, stage, mesh)
     t = config.train
     total = int(t.steps)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         keep=int(t.keep_ckpts))
+    latest = checkpointer.latest_step()
+    meta = checkpointer.read_meta(latest) if latest is not None else None
+    stage.prepare_config(config, None if meta is None else meta.get("config"))
+    trainer = Trainer(config, stage, mesh)
 
     def say(message: str):
         if main:
@@ -395,12 +399,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
         logging.info(message)
 
     progress = None
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         keep=int(t.keep_ckpts))
-    latest = checkpointer.latest_step()
     saved_data = None
     if latest is not None:
-        meta = checkpointer.read_meta(latest)
         _check_resume_compatible(meta, config, checkpointer.directory)
         state, meta = checkpointer.restore(trainer.restore_target(), latest)
         saved_data = meta.get("data")

@@ -104,10 +104,12 @@ class Stage:
         raise NotImplementedError
 
     # -- accounting and hooks ---------------------------------------------------------
-    def prepare_config(self, config: Config) -> None:
+    def prepare_config(self, config: Config, saved: Mapping[str, Any] | None = None) -> None:
         """Fills in values measured from the data, in place, before the run's config.json
-        is written (e.g. the prior's ``l2_norm``). Deterministic, so every process and
-        every resume fills in the same. Default: nothing."""
+        is written (e.g. the prior's ``l2_norm``). ``saved``: the config (JSON dict) stored
+        with the checkpoint a run resumes from, or None for a fresh run; a value measured
+        then is reused rather than measured again. Deterministic, so every process fills
+        in the same. Default: nothing."""
 
     def flops_per_example(self, config: Config) -> float | None:
         """Training FLOPs (forward + backward, ≈ 3 × forward) per example, or None."""
