@@ -258,3 +258,14 @@ def test_config_errors_before_compiling():
         get_stage("nonexistent")
     assert isinstance(get_stage("tests.train_scripts.toy_stage:toy"), ToyStage)
     assert set(base_config()) == {"stage", "model", "data", "train", "optim", "mesh"}
+
+
+def test_a_config_error_in_train_closes_the_checkpointer(tmp_path, monkeypatch):
+    closed = []
+    real_close = ckpt_lib.Checkpointer.close
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "close", lambda self: (closed.append(1), real_close(self)))
+    config = toy_config()
+    config.model.dtype = "fp8"  # Trainer raises before any step
+    with pytest.raises(ValueError, match="config.model.dtype"):
+        loop.train(config, str(tmp_path))
+    assert closed == [1]

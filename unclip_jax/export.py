@@ -56,15 +56,14 @@ def with_l2_norm(prior_config: dict) -> dict:
     """An 'l2' prior's config with ``prior.l2_norm`` (the norm its samples get): runs
     trained before that value was recorded lack it, and would give the decoder unit
     vectors; it is measured here from the run's data and CLIP, as training now does."""
-    prior = prior_config.get("prior") or {}
-    if prior.get("embed_norm") != "l2" or prior.get("l2_norm") is not None:
+    from unclip_jax.stages.prior import lacks_l2_norm, mean_image_embed_norm
+    if not lacks_l2_norm(prior_config):
         return prior_config
     import ml_collections
-    from unclip_jax.stages.prior import mean_image_embed_norm
     norm = mean_image_embed_norm(ml_collections.ConfigDict(prior_config))
     print(f"[export] the 'l2' prior's run records no prior.l2_norm; measured {norm:.4g} "
           "(mean norm of its training images' CLIP embeddings)", file=sys.stderr, flush=True)
-    return {**prior_config, "prior": {**prior, "l2_norm": norm}}
+    return {**prior_config, "prior": {**prior_config["prior"], "l2_norm": norm}}
 
 
 def clip_config_of(stage_config: dict):

@@ -33,7 +33,7 @@ import shutil
 import threading
 import time
 import warnings
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -576,11 +576,10 @@ def _check_fits(pipe: UnCLIPPipeline) -> None:
     d = pipe.clip_config.projection_dim
     problems = []
     if pipe.prior_config is not None:
-        model_cfg, prior_settings = prior_stage.split_config(pipe.prior_config)
+        model_cfg, _ = prior_stage.split_config(pipe.prior_config)
         if model_cfg.get("embed_dim", d) != d:
             problems.append(f"prior embed_dim {model_cfg.get('embed_dim')} != CLIP projection_dim {d}")
-        if (prior_settings["embed_norm"] == "l2" and prior_settings["l2_norm"] is None
-                and pipe.decoder_config is not None):
+        if prior_stage.lacks_l2_norm(pipe.prior_config) and pipe.decoder_config is not None:
             warnings.warn("the prior normalises embeddings to unit length ('l2') and records no "
                           "prior.l2_norm, so the decoder gets unit vectors instead of embeddings "
                           "at the norm it was trained on; re-export the prior with "

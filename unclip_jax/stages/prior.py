@@ -88,6 +88,14 @@ def split_config(config) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
     return model, prior
 
 
+def lacks_l2_norm(config) -> bool:
+    """Whether a prior config normalises embeddings to unit length ('l2') and records no
+    ``prior.l2_norm``: its samples would be unit vectors, not embeddings at the norm the
+    decoder was trained on."""
+    _, prior = split_config(config)
+    return prior["embed_norm"] == "l2" and prior["l2_norm"] is None
+
+
 def build_model(config, **overrides):
     """The ``PriorTransformer`` of a stage config or bare model config."""
     model, _ = split_config(config)
@@ -696,7 +704,7 @@ def _register():
             # 'l2' priors give out embeddings of the training images' mean norm (module
             # doc); measured when a run starts, then stored with its checkpoints and
             # config.json; a resumed run takes the checkpoint's value.
-            if config.prior.get("embed_norm") == "l2" and config.prior.get("l2_norm") is None:
+            if lacks_l2_norm(config):
                 with config.unlocked():
                     config.prior.l2_norm = (((saved or {}).get("prior") or {}).get("l2_norm")
                                             or mean_image_embed_norm(config))

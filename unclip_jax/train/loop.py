@@ -387,63 +387,61 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
     total = int(t.steps)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          keep=int(t.keep_ckpts))
-    latest = checkpointer.latest_step()
-    meta = checkpointer.read_meta(latest) if latest is not None else None
-    stage.prepare_config(config, None if meta is None else meta.get("config"))
-    trainer = Trainer(config, stage, mesh)
-
-    def say(message: str):
-        if main:
-            (progress.write if progress is not None else
-             lambda m: print(m, file=sys.stderr, flush=True))(message)
-        logging.info(message)
-
-    progress = None
-    saved_data = None
-    if latest is not None:
-        _check_resume_compatible(meta, config, checkpointer.directory)
-        state, meta = checkpointer.restore(trainer.restore_target(), latest)
-        saved_data = meta.get("data")
-        say(f"Restored checkpoint at step {latest} from {checkpointer.directory}")
-    else:
-        state = trainer.init_state()
-        say(f"Initialised {stage.name}: {trainer.num_params:,} parameters on mesh "
-            f"{dict(trainer.mesh.shape)}")
-    start = int(state.step)
-    if main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(_config_json(config), f, indent=2)
-    if start >= total:
-        say(f"Nothing to do: the checkpoint is at step {start} >= train.steps={total}")
-        checkpointer.close()
-        return TrainResult(state, start)
-
-    writer = metrics_lib.MetricsWriter(workdir, enabled=main, resume_step=start)
-    local_bs = parallel.local_batch_size(int(t.batch_size), trainer.mesh)
-    source = stage.make_source(config, "train", jax.process_index(), jax.process_count())
-    raw = _open_batches(stage, source, local_bs, int(t.seed), start, saved_data)
-    batches = _Prefetcher(iter(raw), lambda ex: trainer.put_batch(stage.preprocess(ex, config)),
-                          int(t.get("prefetch", 2)))
-    data_state = (saved_data or {}).get("iterator_states", [None] * jax.process_count())
-    data_state = data_state[jax.process_index()] if len(data_state) == jax.process_count() else None
-    watch = _PreemptionWatch()
-    devices = trainer.mesh.devices.size
-    peak = metrics_lib.peak_flops_per_device(trainer.mesh.devices.flat[0])
-    flops = stage.flops_per_example(config)
-    sample_key = jax.random.fold_in(jax.random.key(int(t.seed)), 0x5A4D)
-    preempted = False
-
-    def meta_for(step: int) -> dict:
-        data = {"step": step, "global_batch_size": int(t.batch_size), "seed": int(t.seed),
-                "process_count": jax.process_count()}
-        states = _gather_json(data_state)  # collective: every process saves at this step
-        if any(s is not None for s in states):
-            data["iterator_states"] = states
-        return {"step": step, "data": data, "config": _config_json(config)}
-
-    step = start
+    progress = batches = raw = writer = watch = None  # closed in `finally`, if opened
     try:
+        latest = checkpointer.latest_step()
+        meta = checkpointer.read_meta(latest) if latest is not None else None
+        stage.prepare_config(config, None if meta is None else meta.get("config"))
+        trainer = Trainer(config, stage, mesh)
+
+        def say(message: str):
+            if main:
+                (progress.write if progress is not None else
+                 lambda m: print(m, file=sys.stderr, flush=True))(message)
+            logging.info(message)
+
+        saved_data = None
+        if latest is not None:
+            _check_resume_compatible(meta, config, checkpointer.directory)
+            state, meta = checkpointer.restore(trainer.restore_target(), latest)
+            saved_data = meta.get("data")
+            say(f"Restored checkpoint at step {latest} from {checkpointer.directory}")
+        else:
+            state = trainer.init_state()
+            say(f"Initialised {stage.name}: {trainer.num_params:,} parameters on mesh "
+                f"{dict(trainer.mesh.shape)}")
+        start = int(state.step)
+        if main:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(_config_json(config), f, indent=2)
+        if start >= total:
+            say(f"Nothing to do: the checkpoint is at step {start} >= train.steps={total}")
+            return TrainResult(state, start)
+
+        writer = metrics_lib.MetricsWriter(workdir, enabled=main, resume_step=start)
+        local_bs = parallel.local_batch_size(int(t.batch_size), trainer.mesh)
+        source = stage.make_source(config, "train", jax.process_index(), jax.process_count())
+        raw = _open_batches(stage, source, local_bs, int(t.seed), start, saved_data)
+        batches = _Prefetcher(iter(raw), lambda ex: trainer.put_batch(stage.preprocess(ex, config)),
+                              int(t.get("prefetch", 2)))
+        data_state = (saved_data or {}).get("iterator_states", [None] * jax.process_count())
+        data_state = data_state[jax.process_index()] if len(data_state) == jax.process_count() else None
+        watch = _PreemptionWatch()
+        devices = trainer.mesh.devices.size
+        peak = metrics_lib.peak_flops_per_device(trainer.mesh.devices.flat[0])
+        flops = stage.flops_per_example(config)
+        sample_key = jax.random.fold_in(jax.random.key(int(t.seed)), 0x5A4D)
+        preempted = False
+
+        def meta_for(step: int) -> dict:
+            data = {"step": step, "global_batch_size": int(t.batch_size), "seed": int(t.seed),
+                    "process_count": jax.process_count()}
+            states = _gather_json(data_state)  # collective: every process saves at this step
+            if any(s is not None for s in states):
+                data["iterator_states"] = states
+            return {"step": step, "data": data, "config": _config_json(config)}
+
         batch, data_state = next(batches)
         compile_s = trainer.compile(state, batch)
         say(f"Compiled the train step in {compile_s:.1f} s")
@@ -539,15 +537,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
         if skipped:
             say(f"{skipped} step(s) skipped for non-finite values")
     finally:
-        batches.close()
+        if batches is not None:
+            batches.close()
         if hasattr(raw, "close"):
             try:
                 raw.close()
             except Exception as e:  # noqa: BLE001 - e.g. a generator still running in the thread
                 logging.warning("closing the batch iterator failed: %r", e)
-        watch.close()
-        if progress is not None:
-            progress.close()
-        writer.close()
+        for opened in (watch, progress, writer):
+            if opened is not None:
+                opened.close()
         checkpointer.close()  # waits for the last asynchronous save to be on disk
     return TrainResult(state, step, preempted)
