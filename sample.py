@@ -40,6 +40,8 @@ _SHORTHANDS = {
         ("prior_guidance", flags.DEFINE_float, "Prior classifier-free guidance scale."),
         ("decoder_guidance", flags.DEFINE_float, "Decoder classifier-free guidance scale."),
         ("best_of_n", flags.DEFINE_integer, "Prior candidates per prompt (keep the best z_i·z_t)."),
+        ("decoder_best_of_n", flags.DEFINE_integer,
+         "Images decoded per prompt; keep the one closest to the prompt in CLIP (needs CLIP's image tower)."),
     )
 }
 

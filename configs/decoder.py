@@ -87,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s = c.sample = ml_collections.ConfigDict()
     s.steps = 25
     s.guidance_scale = 8.0 if arg == "karlo" else 3.0
+    s.best_of_n = 1         # pipeline default: images decoded per prompt, best by CLIP kept
     s.num = 8               # images in a sample grid
     s.split = "test"
 

@@ -21,6 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.decoder_steps = 25
     c.decoder_guidance = 8.0
     c.upsampler_steps = 7
+    c.decoder_best_of_n = 1      # >1: decode that many per prompt, keep CLIP's favourite
     c.seed = 0
     c.num_images = 1             # per prompt
     c.batch_size = 16            # prompts per device batch group

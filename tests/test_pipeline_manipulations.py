@@ -71,3 +71,37 @@ def test_interpolation_endpoints(pipe):
     np.testing.assert_allclose(frames[0].astype(int), ends[1].astype(int), atol=1)
     np.testing.assert_allclose(frames[-1].astype(int), ends[0].astype(int), atol=1)
     assert np.abs(frames[1].astype(int) - frames[0].astype(int)).mean() > 0.5
+
+
+def test_decoder_best_of_n_keeps_the_image_clip_ranks_first(pipe, tiny_karlo):
+    text_only = pl.load_pipeline(tiny_karlo[2])  # its CLIP has no image tower
+    with_upsamplers = dataclasses.replace(pipe, upsamplers=text_only.upsamplers)
+    prompts = ["a red circle", "a blue square", "a small horse"]
+    steps = dict(prior_steps=2, decoder_steps=2, upsampler_steps=2)
+    text = with_upsamplers.encode_text(prompts)
+    z_i = with_upsamplers.prior(text, 0, **steps)
+    n = 3
+    candidates = []
+    for c in range(n):
+        offset = c * pl._CANDIDATE_STRIDE
+        decoded = with_upsamplers.decode(z_i, text, 0, first_index=offset, **steps)
+        candidates.append(np.asarray(with_upsamplers.upsample(decoded, 0, first_index=offset, **steps)))
+    assert not np.allclose(candidates[0], candidates[1])
+    np.testing.assert_array_equal(with_upsamplers.text_to_image(prompts, 0, decoder_best_of_n=1, **steps)["images"],
+                                  pl.to_uint8(candidates[0]))
+    # cosine of each candidate's CLIP image embedding with the prompt's z_t, computed here
+    t = np.asarray(text.embed, np.float64)
+    scores = []
+    for cand in candidates:
+        e = np.asarray(with_upsamplers.encode_image(list(pl.to_uint8(cand))), np.float64)
+        scores.append((e * t).sum(-1) / np.linalg.norm(e, axis=-1) / np.linalg.norm(t, axis=-1))
+    choice = np.argmax(np.stack(scores), 0)
+    assert len(set(choice.tolist())) > 1 or choice[0] != 0  # the test can tell a pick from no pick
+    expected = np.stack(candidates)[choice, np.arange(len(prompts))]
+    out = with_upsamplers.text_to_image(prompts, 0, decoder_best_of_n=n, **steps)
+    np.testing.assert_array_equal(out["images"], pl.to_uint8(expected))
+
+    with pytest.raises(pl.PipelineError, match="image tower"):
+        text_only.text_to_image(prompts, 0, decoder_best_of_n=2)
+    with pytest.raises(pl.PipelineError, match="decoder_best_of_n must be at most 64"):
+        pipe.settings(decoder_best_of_n=65)

@@ -86,7 +86,8 @@ def sampling_defaults(prior: dict | None, decoder: dict | None, upsamplers: Sequ
             out["prior_clip_range"] = float(s["clip_range"])
     if decoder and "sample" in decoder:
         out.update(decoder_steps=int(decoder["sample"]["steps"]),
-                   decoder_guidance=float(decoder["sample"]["guidance_scale"]))
+                   decoder_guidance=float(decoder["sample"]["guidance_scale"]),
+                   decoder_best_of_n=int(decoder["sample"].get("best_of_n", 1)))
     if upsamplers and "sample" in upsamplers[0]:
         out["upsampler_steps"] = int(upsamplers[0]["sample"]["steps"])
     return out

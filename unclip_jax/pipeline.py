@@ -53,8 +53,15 @@ FORMAT = "unclip_jax.pipeline"
 VERSION = 1
 
 # Karlo / diffusers UnCLIPPipeline defaults, plus the paper's best-of-n for the prior.
+# ``decoder_best_of_n`` > 1 makes that many images per prompt (decoder and upsamplers) and
+# keeps the one CLIP scores closest to the prompt (the paper's best-of-n, applied to images).
 DEFAULT_SETTINGS = dict(prior_steps=25, prior_guidance=4.0, prior_clip_range=5.0, best_of_n=2,
-                        decoder_steps=25, decoder_guidance=8.0, upsampler_steps=7)
+                        decoder_steps=25, decoder_guidance=8.0, upsampler_steps=7, decoder_best_of_n=1)
+
+# Noise-index offset between decoder candidates: far above any batch, so that candidate 0 is
+# exactly what ``decode`` gives and no two candidates share noise.
+_CANDIDATE_STRIDE = 1 << 20
+_MAX_DECODER_BEST_OF_N = 64
 
 # Stage ids folded into the seed so that stages never share random draws.
 _STAGE_PRIOR, _STAGE_DECODER, _STAGE_UPSAMPLER = 1, 2, 3
@@ -199,11 +206,17 @@ class UnCLIPPipeline:
         if unknown:
             raise PipelineError(f"unknown sampling setting(s) {sorted(unknown)}; known: {sorted(DEFAULT_SETTINGS)}")
         s = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
-        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "best_of_n"):
+        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "best_of_n", "decoder_best_of_n"):
             if int(s[name]) < 1 or int(s[name]) != s[name]:
                 raise PipelineError(f"{name} must be a positive integer, got {s[name]!r}")
             if name.endswith("steps") and int(s[name]) > 1000:
                 raise PipelineError(f"{name} must be at most 1000 (the training timesteps), got {s[name]}")
+        if int(s["decoder_best_of_n"]) > _MAX_DECODER_BEST_OF_N:
+            raise PipelineError(f"decoder_best_of_n must be at most {_MAX_DECODER_BEST_OF_N}, "
+                                f"got {s['decoder_best_of_n']}")
+        if int(s["decoder_best_of_n"]) > 1 and self.clip_config.vision is None:
+            raise PipelineError("decoder_best_of_n > 1 ranks images with CLIP's image tower, which "
+                                "this pipeline's CLIP lacks; use decoder_best_of_n=1")
         for name in ("prior_guidance", "decoder_guidance"):
             if not 0.0 <= float(s[name]) <= 100.0:
                 raise PipelineError(f"{name} must be in [0, 100], got {s[name]!r}")
@@ -288,6 +301,25 @@ class UnCLIPPipeline:
             init_latents=self._shard(np.asarray(init)), noise=self._shard(np.asarray(noise), axis=1))
         return out[:b]
 
+    def pick_best_images(self, candidates: Sequence[jax.Array], text: TextEncoding) -> jax.Array:
+        """Per prompt, the candidate whose CLIP image embedding has the highest cosine with
+        the prompt's z_t (ties keep the earlier one): n arrays (B, S, S, 3) in [−1, 1] →
+        (B, S, S, 3). The paper's best-of-n, applied to images instead of z_i."""
+        best, best_score = candidates[0], self._clip_similarity(candidates[0], text)
+        for candidate in candidates[1:]:
+            score = self._clip_similarity(candidate, text)
+            better = score > best_score
+            best = jnp.where(better[:, None, None, None], candidate, best)
+            best_score = jnp.where(better, score, best_score)
+        return best
+
+    def _clip_similarity(self, images: jax.Array, text: TextEncoding) -> jax.Array:
+        """cos(z_i of (B, S, S, 3) images in [−1, 1], the prompts' z_t) → (B,)."""
+        z_i = self.encode_image(list(to_uint8(np.asarray(images))))
+        z_t = text.embed
+        return (jnp.sum(z_i * z_t, axis=-1)
+                / (jnp.linalg.norm(z_i, axis=-1) * jnp.linalg.norm(z_t, axis=-1)))
+
     def upsample(self, images: jax.Array, seed: int, *, first_index: int = 0, **overrides) -> jax.Array:
         """Runs every upsampler in turn on (B, s, s, 3) images in [−1, 1]."""
         s = self.settings(**overrides)
@@ -336,15 +368,21 @@ class UnCLIPPipeline:
             z_i = jax.block_until_ready(self.prior(text, seed, **settings))
         timings["prior"] = t
         bar.update()
+        # decoder_best_of_n candidates per prompt, each with its own noise (candidate 0 is the
+        # plain sample); CLIP ranks the final images.
+        offsets = [c * _CANDIDATE_STRIDE for c in range(int(settings["decoder_best_of_n"]))]
         with _CompileClock.measure() as t:
-            images = jax.block_until_ready(self.decode(z_i, text, seed, **settings))
+            candidates = [jax.block_until_ready(self.decode(z_i, text, seed, first_index=o, **settings))
+                          for o in offsets]
         timings["decoder"] = t
         bar.update()
         if self.upsamplers:
             with _CompileClock.measure() as t:
-                images = jax.block_until_ready(self.upsample(images, seed, **settings))
+                candidates = [jax.block_until_ready(self.upsample(c, seed, first_index=o, **settings))
+                              for c, o in zip(candidates, offsets)]
             timings["upsamplers"] = t
             bar.update(len(self.upsamplers))
+        images = candidates[0] if len(candidates) == 1 else self.pick_best_images(candidates, text)
         bar.close()
         return {"images": to_uint8(np.asarray(images)), "image_embeds": np.asarray(z_i),
                 "timings": timings, "settings": settings,
