@@ -118,3 +118,17 @@ def test_shapes_upsampler_probe_on_the_shipped_model(capsys):
                                                                     ("learned upsampler", 2)]
     assert all(rows[0][k] == 1.0 for k in ("color", "shape", "size", "position"))
     assert all(0.0 <= rows[1][k] <= 1.0 for k in ("color", "shape", "size", "position"))
+
+
+def test_shapes_color_probe_on_the_shipped_model(capsys):
+    """The probe samples with each variant's overrides and breaks its colour errors down."""
+    import json
+
+    from bench.shapes_color_probe import main
+    with pytest.raises(ValueError, match="not key=value"):
+        main(["--num=2", "decoder_best_of_n"])
+    main(["--num=2", "decoder_best_of_n=1,decoder_steps=2,prior_steps=2,upsampler_steps=2"])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["n"] == 2 and 0.0 <= row["color"] <= 1.0
+    errors = row["color_errors"]
+    assert sum(errors["objects"].values()) >= 2 and set(errors) >= {"missed", "wrong", "took_other_object_color"}

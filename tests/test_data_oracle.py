@@ -125,3 +125,29 @@ def test_score_input_errors():
         oracle.score(images, ["a red circle"])
     with pytest.raises(ValueError, match="uint8"):
         oracle.score(images.astype(np.float32), ["a red circle"] * 2)
+
+
+def test_color_errors_tell_binding_from_palette_errors(batch64, detections64):
+    images, objects = batch64["image"], batch64["objects"]
+    clean = oracle.color_errors(images, objects, detections=detections64)
+    total = sum(clean["objects"].values())
+    assert set(clean["objects"]) == {"1", "2"} and total == sum(len(o) for o in objects)
+    assert sum(clean["wrong"].values()) + sum(clean["missed"].values()) <= 0.01 * total
+    # Two-object prompts with the colours swapped: each object shows the other's colour.
+    # (different shapes too, so that the matching cannot pair them by colour instead)
+    pairs = [i for i, o in enumerate(objects)
+             if len(o) == 2 and o[0]["color"] != o[1]["color"] and o[0]["shape"] != o[1]["shape"]][:200]
+    swapped = [[dict(o[0], color=o[1]["color"]), dict(o[1], color=o[0]["color"])]
+               for o in (objects[i] for i in pairs)]
+    result = oracle.color_errors(images[pairs], swapped, detections=[detections64[i] for i in pairs])
+    assert result["wrong"]["2"] >= 0.98 * 2 * len(pairs)
+    assert result["took_other_object_color"] == result["wrong"]["2"]
+    # One-object prompts asking for the next palette colour: palette errors only.
+    singles = [i for i, o in enumerate(objects) if len(o) == 1][:200]
+    shifted = [[dict(objects[i][0], color=shapes.COLORS[(shapes.COLORS.index(objects[i][0]["color"]) + 1) % 6])]
+               for i in singles]
+    result = oracle.color_errors(images[singles], shifted, detections=[detections64[i] for i in singles])
+    assert result["wrong"]["1"] >= 0.98 * len(singles) and result["took_other_object_color"] == 0
+    assert sum(result["confusions"].values()) == result["wrong"]["1"]
+    palette = shapes.COLORS
+    assert set(result["confusions"]) <= {f"{palette[(i + 1) % 6]}->{c}" for i, c in enumerate(palette)}

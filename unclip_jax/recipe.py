@@ -191,6 +191,20 @@ def evaluate_prior(workdir: str, config) -> dict[str, float]:
     return {k: float(v) for k, v in evaluate_stage(params, config).items()}
 
 
+def sample_images(pipe, prompts: Sequence[str], seed: int = 0, chunk: int = 50, **overrides):
+    """uint8 images (N, H, W, 3), one per prompt, from ``chunk``-prompt calls of the loaded
+    pipeline with sampling ``overrides``; returns (images, wall seconds)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+    start = time.perf_counter()
+    images = []
+    for i in tqdm(range(0, len(prompts), chunk), desc="sampling", unit="batch"):
+        # noise is drawn per example index within a call: another seed per chunk keeps
+        # the chunks' noise apart
+        images.append(pipe.text_to_image(list(prompts[i:i + chunk]), seed=seed + i, **overrides)["images"])
+    return np.concatenate(images), time.perf_counter() - start
+
+
 def sample_and_score(pipeline_dir: str, prompts: Sequence[str], seed: int = 0, chunk: int = 50,
                      samples_png: str | None = None, pipe=None) -> tuple[dict, float]:
     """Samples one image per prompt with the exported pipeline (``pipe`` if already
@@ -199,17 +213,7 @@ def sample_and_score(pipeline_dir: str, prompts: Sequence[str], seed: int = 0, c
     from unclip_jax.data import oracle
     from unclip_jax.pipeline import load_pipeline
     pipe = pipe if pipe is not None else load_pipeline(pipeline_dir)
-    from tqdm.auto import tqdm
-    start = time.perf_counter()
-    images = []
-    for i in tqdm(range(0, len(prompts), chunk), desc="sampling", unit="batch"):
-        part = list(prompts[i:i + chunk])
-        # noise is drawn per example index within a call: another seed per chunk keeps
-        # the chunks' noise apart
-        out = pipe.text_to_image(part, seed=seed + i)
-        images.append(out["images"])
-    images = np.concatenate(images)
-    seconds = time.perf_counter() - start
+    images, seconds = sample_images(pipe, prompts, seed=seed, chunk=chunk)
     if samples_png:
         from PIL import Image
         from unclip_jax.image_output import make_grid

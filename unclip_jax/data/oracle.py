@@ -40,6 +40,7 @@ attribute to go under heavy blur; object count fails when blur merges two object
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 from typing import Any
@@ -346,3 +347,34 @@ def score(images: np.ndarray, targets: Any, *, detections: list[list[dict]] | No
     result["heldout"] = _summarise([r for r in rows if r["heldout"]])
     result["seen"] = _summarise([r for r in rows if not r["heldout"]])
     return result
+
+
+def color_errors(images: np.ndarray, targets: Any, *, detections: list[list[dict]] | None = None
+                 ) -> dict[str, Any]:
+    """Where colour goes wrong in uint8 images (N, H, W, 3), matched as in ``score``.
+
+    Returns ``objects``, ``missed`` (no detection matched) and ``wrong`` (matched, other
+    colour): target-object counts keyed by the image's object count ('1', '2');
+    ``took_other_object_color``: wrong objects of two-object targets shown in the colour
+    the prompt gave the other object (a binding error, not a palette error); and
+    ``confusions``: {'asked->seen': count}, most frequent first.
+    """
+    images = np.asarray(images)
+    found_all = detections if detections is not None else detect_batch(images)
+    goals = _targets(targets, len(images))
+    objects, missed, wrong = collections.Counter(), collections.Counter(), collections.Counter()
+    confusions, took_other = collections.Counter(), 0
+    for target, found in zip(goals, found_all):
+        key = str(len(target))
+        for t, f in zip(target, _match(target, found)):
+            if t.get("color") is None:
+                continue
+            objects[key] += 1
+            if f is None:
+                missed[key] += 1
+            elif f["color"] != t["color"]:
+                wrong[key] += 1
+                confusions[f"{t['color']}->{f['color']}"] += 1
+                took_other += any(o is not t and o.get("color") == f["color"] for o in target)
+    return {"objects": dict(objects), "missed": dict(missed), "wrong": dict(wrong),
+            "took_other_object_color": took_other, "confusions": dict(confusions.most_common())}
