@@ -132,3 +132,17 @@ def test_shapes_color_probe_on_the_shipped_model(capsys):
     assert row["n"] == 2 and 0.0 <= row["color"] <= 1.0
     errors = row["color_errors"]
     assert sum(errors["objects"].values()) >= 2 and set(errors) >= {"missed", "wrong", "took_other_object_color"}
+
+
+def test_shapes_binding_probe_swaps_whole_words_and_runs(capsys):
+    import json
+
+    from bench.shapes_binding_probe import main, swap_words
+    assert swap_words("a large red circle above a small blue square", "red", "blue") == \
+        "a large blue circle above a small red square"
+    assert swap_words("a small circle above a large square", "large", "small") == \
+        "a large circle above a small square"
+    main(["--num=40"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["n_examples"] == 40 and row["color"]["n"] >= 5
+    assert all(0.0 <= row[a]["true_caption_wins"] <= 1.0 for a in ("color", "shape") if a in row)
