@@ -43,8 +43,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # layout, colour and shape are decided: the conditioning is what a short CPU run lacks.
     c.diffusion.min_snr_gamma = 5.0
 
-    c.sample.steps = 5 if tiny else 25
+    # 50 steps and guidance 3 (exported as the pipeline's defaults): on 200 prompts, one image
+    # each, 50 steps scored 84.3 / 65.1 / 90.0 / 81.1 % (colour / shape / size / position) with
+    # guidance 3 and 85.8 / 61.9 / 90.7 / 81.5 % with guidance 2 (README, "The embedded default").
+    c.sample.steps = 5 if tiny else 50
     c.sample.guidance_scale = 3.0
+    # Four images per prompt, CLIP keeps the closest (pipeline setting decoder_best_of_n): on
+    # 200 prompts shape went 65.1 → 72.2 %, all attributes right 49.0 → 55.5 % (README).
+    c.sample.best_of_n = 1 if tiny else 4
     c.sample.num = 4 if tiny else 8
 
     c.data.image_size = 32
