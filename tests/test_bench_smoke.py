@@ -142,7 +142,10 @@ def test_shapes_binding_probe_swaps_whole_words_and_runs(capsys):
         "a large blue circle above a small red square"
     assert swap_words("a small circle above a large square", "large", "small") == \
         "a large circle above a small square"
-    main(["--num=40"])
+    main(["--num=12", "--generated"])
     row = json.loads(capsys.readouterr().out)
-    assert row["n_examples"] == 40 and row["color"]["n"] >= 5
+    assert row["n_examples"] == 12 and row["color"]["n"] >= 3
     assert all(0.0 <= row[a]["true_caption_wins"] <= 1.0 for a in ("color", "shape") if a in row)
+    groups = row["generated"]
+    assert groups["n"] == row["color"]["n"]
+    assert sum(g["n"] for k, g in groups.items() if k != "n") <= groups["n"]
