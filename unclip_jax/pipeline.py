@@ -305,20 +305,12 @@ class UnCLIPPipeline:
         """Per prompt, the candidate whose CLIP image embedding has the highest cosine with
         the prompt's z_t (ties keep the earlier one): n arrays (B, S, S, 3) in [−1, 1] →
         (B, S, S, 3). The paper's best-of-n, applied to images instead of z_i."""
-        best, best_score = candidates[0], self._clip_similarity(candidates[0], text)
-        for candidate in candidates[1:]:
-            score = self._clip_similarity(candidate, text)
-            better = score > best_score
-            best = jnp.where(better[:, None, None, None], candidate, best)
-            best_score = jnp.where(better, score, best_score)
-        return best
-
-    def _clip_similarity(self, images: jax.Array, text: TextEncoding) -> jax.Array:
-        """cos(z_i of (B, S, S, 3) images in [−1, 1], the prompts' z_t) → (B,)."""
-        z_i = self.encode_image(list(to_uint8(np.asarray(images))))
-        z_t = text.embed
-        return (jnp.sum(z_i * z_t, axis=-1)
-                / (jnp.linalg.norm(z_i, axis=-1) * jnp.linalg.norm(z_t, axis=-1)))
+        z_t = latent_math.l2_normalize(text.embed)
+        scores = jnp.stack([  # (n, B)
+            jnp.sum(latent_math.l2_normalize(self.encode_image(list(to_uint8(np.asarray(c))))) * z_t, axis=-1)
+            for c in candidates])
+        index = jnp.argmax(scores, axis=0)  # the first maximum: ties keep the earlier candidate
+        return jnp.stack(candidates)[index, jnp.arange(index.shape[0])]
 
     def upsample(self, images: jax.Array, seed: int, *, first_index: int = 0, **overrides) -> jax.Array:
         """Runs every upsampler in turn on (B, s, s, 3) images in [−1, 1]."""
