@@ -269,3 +269,37 @@ def test_a_config_error_in_train_closes_the_checkpointer(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="config.model.dtype"):
         loop.train(config, str(tmp_path))
     assert closed == [1]
+
+
+def test_init_from_starts_from_a_pretrained_directory_and_checks_its_layout(tmp_path):
+    from unclip_jax.convert.common import save_pretrained
+    config = toy_config()
+    config.train.update(steps=2, ckpt_every=0)
+    first = loop.train(config, str(tmp_path / "first"))
+    # float16 storage, as the package ships its model: loading casts back to float32.
+    save_pretrained(str(tmp_path / "pretrained"), first.state.ema_params, {"stage": config.stage},
+                    storage_dtype="float16")
+    config.train.init_from = str(tmp_path / "pretrained")
+    trainer = loop.Trainer(config, ToyStage())
+    state = trainer.init_state()
+    assert int(state.step) == 0
+    for got, ema, want in zip(jax.tree_util.tree_leaves(state.params),
+                              jax.tree_util.tree_leaves(state.ema_params),
+                              jax.tree_util.tree_leaves(first.state.ema_params)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)  # float16 round trip
+        np.testing.assert_array_equal(ema, got)
+    assert all(float(jnp.abs(m).max()) == 0.0 for m in jax.tree_util.tree_leaves(state.opt_state)
+               if jnp.issubdtype(m.dtype, jnp.floating))
+    # A resumed run reads its own checkpoint: init_from is not read again.
+    config.train.update(steps=3, ckpt_every=1)
+    assert loop.train(config, str(tmp_path / "tuned")).step == 3
+    config.train.update(steps=4, init_from=str(tmp_path / "gone"))
+    assert loop.train(config, str(tmp_path / "tuned")).step == 4
+    config.train.init_from = str(tmp_path / "pretrained")
+    config.model.hidden = 16  # another model: refused before any step, naming the leaves
+    with pytest.raises(ValueError, match=r"does not fit this config's model .*!= config's"):
+        loop.Trainer(config, ToyStage()).init_state()
+    config.train.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="not a pretrained directory"):
+        loop.Trainer(config, ToyStage()).init_state()

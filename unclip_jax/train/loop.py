@@ -177,9 +177,21 @@ class Trainer:
         return state_lib.count_params(self.abstract.params)
 
     def init_state(self) -> state_lib.TrainState:
-        """Fresh state, each leaf created directly in its shards."""
+        """Fresh state, each leaf created directly in its shards; with
+        ``train.init_from`` the parameters are that directory's (checked against the
+        config's shapes before anything is placed)."""
         key = jax.random.key(int(self.config.train.seed))
-        return jax.jit(self.init_fn, out_shardings=self.shardings)(key)
+        source = self.config.train.get("init_from", "")
+        if not source:
+            return jax.jit(self.init_fn, out_shardings=self.shardings)(key)
+        params = load_init_params(source)
+        state_lib.check_same_layout(params, self.abstract.params, source)
+        use_ema = self.abstract.ema_params is not None
+
+        def from_params(key, params):
+            return state_lib.state_from_params(params, jax.random.split(key)[1], self.tx, use_ema)
+        return jax.jit(from_params, in_shardings=(None, self.shardings.params),
+                       out_shardings=self.shardings)(key, params)
 
     def restore_target(self):
         return state_lib.abstract_with_shardings(self.abstract, self.shardings)
@@ -202,6 +214,19 @@ class Trainer:
     def eval_params(self, state):
         """The parameters used for samples and evaluation: EMA when kept."""
         return state.ema_params if state.ema_params is not None else state.params
+
+
+def load_init_params(path: str):
+    """The parameters of a pretrained directory (``train.init_from``): a
+    ``save_pretrained`` tree, or the ``params`` half of a ``save_prior`` one."""
+    from unclip_jax.convert.common import load_pretrained
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"train.init_from={path!r} is not a pretrained directory (no config.json); "
+                         "point it at a stage folder of an exported pipeline or a converted checkpoint")
+    tree, _ = load_pretrained(path)
+    if isinstance(tree, dict) and "params" in tree and set(tree) <= {"params", "stats"}:
+        tree = tree["params"]  # a prior: its normalisation stats come from the config
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
 
 
 class _Prefetcher:

@@ -226,6 +226,11 @@ def base_config() -> Config:
         skip_nonfinite=False,  # True: skip steps with a non-finite loss/gradient; False: stop
         seed=0,
         prefetch=2,           # batches prepared ahead on the host
+        # A pretrained directory (an exported pipeline's stage folder, a converted
+        # checkpoint: what save_pretrained/save_prior write) whose parameters start the run
+        # instead of a random init: fine-tuning. Optimizer moments start at zero; a resumed
+        # run reads its own checkpoint and ignores this.
+        init_from="",
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-4,

@@ -47,16 +47,37 @@ def make_init_fn(init_params: Callable[[jax.Array], Any], tx: optax.GradientTran
     """``init(key) -> TrainState``; ``key`` is a typed PRNG key."""
     def init(key):
         params_key, run_key = jax.random.split(key)
-        params = init_params(params_key)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            # A separate buffer (not an alias of params): both are donated each step.
-            ema_params=jax.tree_util.tree_map(jnp.copy, params) if use_ema else None,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(run_key),
-        )
+        return state_from_params(init_params(params_key), run_key, tx, use_ema)
     return init
+
+
+def state_from_params(params, run_key: jax.Array, tx: optax.GradientTransformation,
+                      use_ema: bool) -> TrainState:
+    """A step-0 state around ``params`` (fresh or pretrained): EMA = params, zero moments."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        # A separate buffer (not an alias of params): both are donated each step.
+        ema_params=jax.tree_util.tree_map(jnp.copy, params) if use_ema else None,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(run_key),
+    )
+
+
+def check_same_layout(loaded, abstract_params, source: str) -> None:
+    """Raises ValueError naming the first differences when ``loaded`` (a params tree read
+    from ``source``) does not have ``abstract_params``' paths and shapes."""
+    def shapes(tree):
+        return {parallel.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    want, got = shapes(abstract_params), shapes(loaded)
+    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+    problems += [f"{k}: {got[k]} != config's {want[k]}" for k in sorted(set(want) & set(got))
+                 if got[k] != want[k]]
+    if problems:
+        raise ValueError(f"train.init_from={source!r} does not fit this config's model "
+                         f"({len(problems)} differences): " + "; ".join(problems[:5])
+                         + (" ..." if len(problems) > 5 else ""))
 
 
 def check_float32_params(abstract_params) -> None:
