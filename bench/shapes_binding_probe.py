@@ -76,7 +76,7 @@ def _generated(pipe, captions, swapped, objects, true_caption_wins) -> dict:
     detections = oracle.detect_batch(images)
     groups = {"colors_right": [], "colors_swapped": [], "one_color_on_both": []}
     for i, (target, found) in enumerate(zip(objects, detections)):
-        seen = [None if f is None else f["color"] for f in oracle._match(target, found)]
+        seen = [None if f is None else f["color"] for f in oracle.match_objects(target, found)]
         asked = [o["color"] for o in target]
         if seen == asked:
             groups["colors_right"].append(i)

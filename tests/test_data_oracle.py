@@ -151,3 +151,16 @@ def test_color_errors_tell_binding_from_palette_errors(batch64, detections64):
     assert sum(result["confusions"].values()) == result["wrong"]["1"]
     palette = shapes.COLORS
     assert set(result["confusions"]) <= {f"{palette[(i + 1) % 6]}->{c}" for i, c in enumerate(palette)}
+
+
+def test_match_objects_pairs_each_target_with_its_most_agreeing_detection():
+    red = dict(color="red", shape="circle", size="small", position="left")
+    blue = dict(color="blue", shape="square", size="large", position="right")
+    green = dict(color="green", shape="triangle", size="small", position="top")
+    # Detections in the other order, plus a stray one: each object still finds its own.
+    assert oracle.match_objects([red, blue], [green, blue, red]) == [red, blue]
+    # One detection for two objects: it goes to the object it agrees with; the other gets None.
+    assert oracle.match_objects([red, blue], [dict(blue, size="small")]) == [None, dict(blue, size="small")]
+    # Unspecified attributes (None) never count as agreement.
+    assert oracle.match_objects([dict(color="blue", shape=None, size=None, position=None)],
+                                [red, blue]) == [blue]

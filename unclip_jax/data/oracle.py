@@ -280,8 +280,10 @@ def _targets(targets: Any, n: int) -> list[list[dict]]:
     return out
 
 
-def _match(target: list[dict], found: list[dict]) -> list[dict | None]:
-    """The detection for each target object maximising agreeing attributes (injective)."""
+def match_objects(target: list[dict], found: list[dict]) -> list[dict | None]:
+    """For each object of ``target`` (attribute dicts; None = unspecified), its detection
+    in ``found`` (``detect``'s dicts) or None: the injective assignment that agrees on the
+    most attributes, as ``score`` matches them."""
     def agreement(t, f):
         return sum(t.get(a) is not None and t[a] == f[a] for a in shapes.ATTRIBUTES)
 
@@ -333,7 +335,7 @@ def score(images: np.ndarray, targets: Any, *, detections: list[list[dict]] | No
     goals = _targets(targets, len(images))
     rows = []
     for target, found in zip(goals, found_all):
-        matched = _match(target, found)
+        matched = match_objects(target, found)
         row = {a: [] for a in shapes.ATTRIBUTES}
         for t, f in zip(target, matched):
             for a in shapes.ATTRIBUTES:
@@ -366,7 +368,7 @@ def color_errors(images: np.ndarray, targets: Any, *, detections: list[list[dict
     confusions, took_other = collections.Counter(), 0
     for target, found in zip(goals, found_all):
         key = str(len(target))
-        for t, f in zip(target, _match(target, found)):
+        for t, f in zip(target, match_objects(target, found)):
             if t.get("color") is None:
                 continue
             objects[key] += 1
