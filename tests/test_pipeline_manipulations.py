@@ -103,5 +103,7 @@ def test_decoder_best_of_n_keeps_the_image_clip_ranks_first(pipe, tiny_karlo):
 
     with pytest.raises(pl.PipelineError, match="image tower"):
         text_only.text_to_image(prompts, 0, decoder_best_of_n=2)
+    # Calls that do not rank take the setting without a tower (a default above 1 is harmless).
+    assert text_only.settings(decoder_best_of_n=2)["decoder_best_of_n"] == 2
     with pytest.raises(pl.PipelineError, match="decoder_best_of_n must be at most 64"):
         pipe.settings(decoder_best_of_n=65)

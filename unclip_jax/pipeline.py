@@ -214,9 +214,6 @@ class UnCLIPPipeline:
         if int(s["decoder_best_of_n"]) > _MAX_DECODER_BEST_OF_N:
             raise PipelineError(f"decoder_best_of_n must be at most {_MAX_DECODER_BEST_OF_N}, "
                                 f"got {s['decoder_best_of_n']}")
-        if int(s["decoder_best_of_n"]) > 1 and self.clip_config.vision is None:
-            raise PipelineError("decoder_best_of_n > 1 ranks images with CLIP's image tower, which "
-                                "this pipeline's CLIP lacks; use decoder_best_of_n=1")
         for name in ("prior_guidance", "decoder_guidance"):
             if not 0.0 <= float(s[name]) <= 100.0:
                 raise PipelineError(f"{name} must be in [0, 100], got {s[name]!r}")
@@ -348,6 +345,10 @@ class UnCLIPPipeline:
         self.tokenize(prompts)  # input errors before any compilation
         if self.decoder_params is None:
             raise PipelineError("this pipeline has no decoder: it cannot make images")
+        # Only text_to_image ranks candidates: other calls ignore decoder_best_of_n.
+        if int(settings["decoder_best_of_n"]) > 1 and self.clip_config.vision is None:
+            raise PipelineError("decoder_best_of_n > 1 ranks images with CLIP's image tower, which "
+                                "this pipeline's CLIP lacks; use decoder_best_of_n=1")
         timings: dict[str, dict] = {}
         stages = ["clip", "prior", "decoder"] + [f"upsampler_{k}" for k in range(len(self.upsamplers))]
         bar = _progress(stages, progress)
