@@ -174,3 +174,14 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path, reference, 
     ref, got = _per_step(reference), _per_step(workdir)
     assert got == ref  # same device count: bit-identical losses and ids
     _assert_trees_close(_final(workdir), _final(reference), 1e-6)
+
+
+def test_init_from_places_pretrained_params_in_fsdp_shards(tmp_path):
+    env = _env(8, os.environ.get("JAX_COMPILATION_CACHE_DIR", ""))
+    env.pop("JAX_COMPILATION_CACHE_DIR")
+    out = subprocess.run([sys.executable, "-m", "tests.train_scripts.init_from_sharded", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8 and result["equal"]
+    assert "P(None, 'fsdp')" in result["specs"]  # the big kernel really is split

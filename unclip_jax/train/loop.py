@@ -187,11 +187,15 @@ class Trainer:
         params = load_init_params(source)
         state_lib.check_same_layout(params, self.abstract.params, source)
         use_ema = self.abstract.ema_params is not None
+        # Every process holds the whole file; each device takes its shard of it (works on
+        # several hosts, where jit refuses host numpy arrays with a sharding).
+        params = jax.tree_util.tree_map(
+            lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]),
+            params, self.shardings.params)
 
         def from_params(key, params):
             return state_lib.state_from_params(params, jax.random.split(key)[1], self.tx, use_ema)
-        return jax.jit(from_params, in_shardings=(None, self.shardings.params),
-                       out_shardings=self.shardings)(key, params)
+        return jax.jit(from_params, out_shardings=self.shardings)(key, params)
 
     def restore_target(self):
         return state_lib.abstract_with_shardings(self.abstract, self.shardings)
