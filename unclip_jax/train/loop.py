@@ -184,8 +184,7 @@ class Trainer:
         source = self.config.train.get("init_from", "")
         if not source:
             return jax.jit(self.init_fn, out_shardings=self.shardings)(key)
-        params = load_init_params(source)
-        state_lib.check_same_layout(params, self.abstract.params, source)
+        params = load_init_params(source, self.abstract.params)
         use_ema = self.abstract.ema_params is not None
         # Every process holds the whole file; each device takes its shard of it (works on
         # several hosts, where jit refuses host numpy arrays with a sharding).
@@ -220,17 +219,20 @@ class Trainer:
         return state.ema_params if state.ema_params is not None else state.params
 
 
-def load_init_params(path: str):
-    """The parameters of a pretrained directory (``train.init_from``): a
-    ``save_pretrained`` tree, or the ``params`` half of a ``save_prior`` one."""
-    from unclip_jax.convert.common import load_pretrained
+def load_init_params(path: str, expected):
+    """The float32 parameters of a pretrained directory (``train.init_from``): a
+    ``save_pretrained`` tree, or the ``params`` half of a ``save_prior`` one, checked
+    against ``expected`` (the config's abstract params) by the converters' ``assemble``."""
+    from flax import traverse_util
+    from unclip_jax.convert.common import assemble, load_pretrained
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"train.init_from={path!r} is not a pretrained directory (no config.json); "
                          "point it at a stage folder of an exported pipeline or a converted checkpoint")
     tree, _ = load_pretrained(path)
     if isinstance(tree, dict) and "params" in tree and set(tree) <= {"params", "stats"}:
         tree = tree["params"]  # a prior: its normalisation stats come from the config
-    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
+    return assemble(traverse_util.flatten_dict(tree), expected,
+                    model_name=f"this config's model (train.init_from={path!r})")
 
 
 class _Prefetcher:

@@ -64,22 +64,6 @@ def state_from_params(params, run_key: jax.Array, tx: optax.GradientTransformati
     )
 
 
-def check_same_layout(loaded, abstract_params, source: str) -> None:
-    """Raises ValueError naming the first differences when ``loaded`` (a params tree read
-    from ``source``) does not have ``abstract_params``' paths and shapes."""
-    def shapes(tree):
-        return {parallel.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    want, got = shapes(abstract_params), shapes(loaded)
-    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-    problems += [f"{k}: {got[k]} != config's {want[k]}" for k in sorted(set(want) & set(got))
-                 if got[k] != want[k]]
-    if problems:
-        raise ValueError(f"train.init_from={source!r} does not fit this config's model "
-                         f"({len(problems)} differences): " + "; ".join(problems[:5])
-                         + (" ..." if len(problems) > 5 else ""))
-
-
 def check_float32_params(abstract_params) -> None:
     """Parameters are stored in float32 (compute dtype is separate); fail early otherwise."""
     bad = [f"{parallel.path_str(p)}: {x.dtype}"
