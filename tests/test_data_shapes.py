@@ -174,3 +174,28 @@ def test_clip_preprocess_flattens_twins_side_by_side(monkeypatch):
         clip_stage.stage_preprocess(raw, load_config("configs/shapes_clip.py:tiny", ["train.grad_accum=2"]))
     with pytest.raises(ValueError, match="heldout"):
         shapes.ShapesSource("heldout", 10, shape_twins=True)
+
+
+def test_two_object_fraction_sets_the_share_of_two_object_images_in_train_only():
+    from unclip_jax.data import sources
+
+    default = [shapes.example_objects(2, "train", i) for i in range(40)]
+    assert default == [shapes.example_objects(2, "train", i, two_object_fraction=shapes.P_TWO_OBJECTS)
+                       for i in range(40)]
+    counts = {f: sum(len(shapes.example_objects(2, "train", i, two_object_fraction=f)[0]) == 2
+                     for i in range(200)) for f in (0.0, 0.4, 0.8, 1.0)}
+    assert counts[0.0] == 0 and counts[1.0] == 200
+    assert 50 <= counts[0.4] <= 110 and counts[0.8] >= 140, counts
+
+    config = sources.default_data_config("shapes")
+    config.num_examples, config.num_eval_examples, config.image_size = 30, 30, 16
+    config.two_object_fraction = 1.0
+    train = sources.make_source(config, split="train")
+    assert all((train[i]["attributes"][1] >= 0).all() for i in range(30))
+    test = sources.make_source(config, split="test")  # evaluation splits keep the dataset's mix
+    assert test.two_object_fraction == shapes.P_TWO_OBJECTS
+    config.two_object_fraction = 1.5
+    with pytest.raises(Exception, match="two_object_fraction"):
+        sources.make_source(config, split="train")
+    with pytest.raises(ValueError, match="two_object_fraction"):
+        shapes.ShapesSource("train", 10, two_object_fraction=-0.1)

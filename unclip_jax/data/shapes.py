@@ -77,7 +77,7 @@ _POSITION_JITTER = 0.035
 _MARGIN = 0.03       # min distance (× W) from an object's box to the border
 _MIN_GAP = 0.04      # min gap (× W) between the boxes of two objects
 _SUPERSAMPLE = 4     # sub-pixels per pixel side for anti-aliased coverage
-_P_TWO_OBJECTS = 0.4
+P_TWO_OBJECTS = 0.4  # the default share of two-object images
 
 _ALL_PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)
 _SEEN_PAIRS = tuple(p for p in _ALL_PAIRS if p not in HELDOUT_PAIRS)
@@ -323,9 +323,10 @@ def _sample_pair(rng: np.random.Generator, pairs: Sequence[tuple[str, str]]) -> 
     return pairs[rng.integers(len(pairs))]
 
 
-def _sample_layout(rng: np.random.Generator, split: str) -> tuple[list[dict], str | None]:
+def _sample_layout(rng: np.random.Generator, split: str,
+                   two_object_fraction: float = P_TWO_OBJECTS) -> tuple[list[dict], str | None]:
     allowed = HELDOUT_PAIRS if split == "heldout" else _SEEN_PAIRS
-    if rng.random() >= _P_TWO_OBJECTS:
+    if rng.random() >= two_object_fraction:
         color, shape = _sample_pair(rng, allowed)
         objects = [dict(color=color, shape=shape, size=SIZES[rng.integers(2)],
                         position=POSITIONS[rng.integers(len(POSITIONS))])]
@@ -346,12 +347,19 @@ def _sample_layout(rng: np.random.Generator, split: str) -> tuple[list[dict], st
     return objects, relation
 
 
-def example_objects(seed: int, split: str, index: int) -> tuple[list[dict], str | None]:
+def _check_two_object_fraction(fraction: float) -> float:
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"two_object_fraction must be in [0, 1], got {fraction}")
+    return float(fraction)
+
+
+def example_objects(seed: int, split: str, index: int, *,
+                    two_object_fraction: float = P_TWO_OBJECTS) -> tuple[list[dict], str | None]:
     """The (objects, relation) of example ``index`` without rendering it (cheap)."""
     if split not in SPLITS:
         raise ValueError(f"unknown shapes split {split!r}; choose one of {sorted(SPLITS)}")
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    return _sample_layout(rng, split)
+    return _sample_layout(rng, split, _check_two_object_fraction(two_object_fraction))
 
 
 def _swap_one_shape(objects: list[dict], split: str, rng: np.random.Generator) -> None:
@@ -371,13 +379,18 @@ def _swap_one_shape(objects: list[dict], split: str, rng: np.random.Generator) -
 
 
 def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
-                     shape_twin: bool = False) -> dict[str, Any]:
+                     shape_twin: bool = False,
+                     two_object_fraction: float = P_TWO_OBJECTS) -> dict[str, Any]:
     """Example ``index`` of ``split``: a pure function of its arguments.
 
     ``shape_twin``: the same example with one object's shape changed (same colours,
     sizes, places, background and caption wording): a contrastive hard negative that only
     shape tells apart. Rarely (under 1 % of two-object twins) the new outline needs
     another placement attempt, and the rest of the picture is drawn afresh.
+
+    ``two_object_fraction``: the probability that the example shows two objects. At the
+    default (0.4) the examples are the dataset's own; another value draws other examples
+    from the same stream (e.g. more two-object images to train attribute binding).
 
     Returns ``{'image': uint8 (S, S, 3), 'caption': str, 'objects': [{'color', 'shape',
     'size', 'position'}, ...], 'relation': str | None, 'heldout': bool}``.
@@ -389,7 +402,7 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
     if index < 0:
         raise IndexError(f"negative example index {index}")
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    objects, relation = _sample_layout(rng, split)
+    objects, relation = _sample_layout(rng, split, _check_two_object_fraction(two_object_fraction))
     if shape_twin:  # its own stream, so the main one draws the rest exactly as for the original
         _swap_one_shape(objects, split, np.random.default_rng([int(seed), SPLITS[split], int(index), 7]))
     for o in objects:
@@ -452,19 +465,22 @@ class ShapesSource:
       num_examples: the length of the split (examples are generated on demand).
       image_size: side S in pixels.
       seed: the dataset seed (which images exist), not a shuffling seed.
+      two_object_fraction: the share of two-object examples (``generate_example``).
       process_index, process_count: recorded for ``sources.batches`` (which gives each
         process its slice of every global batch); the source holds all examples.
     """
 
     def __init__(self, split: str = "train", num_examples: int = 100_000, *,
                  image_size: int = 64, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1, shape_twins: bool = False):
+                 process_count: int = 1, shape_twins: bool = False,
+                 two_object_fraction: float = P_TWO_OBJECTS):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; choose one of {sorted(SPLITS)}")
         if num_examples <= 0:
             raise ValueError(f"shapes num_examples must be positive, got {num_examples}")
         if shape_twins and split == "heldout":  # a twin could lose its held-out pair
             raise ValueError("shape_twins are for training splits, not 'heldout'")
+        self.two_object_fraction = _check_two_object_fraction(two_object_fraction)
         generate_example(seed, split, 0, image_size)  # validates image_size early
         self.split, self.num_examples = split, int(num_examples)
         self.image_size, self.seed = int(image_size), int(seed)
@@ -487,10 +503,12 @@ class ShapesSource:
                 "heldout": np.array([i["heldout"] for i in items])}
 
     def _item(self, index: int, twin: bool) -> dict[str, Any]:
-        e = generate_example(self.seed, self.split, index, self.image_size, shape_twin=twin)
+        e = generate_example(self.seed, self.split, index, self.image_size, shape_twin=twin,
+                             two_object_fraction=self.two_object_fraction)
         return {"image": e["image"], "caption": e["caption"],
                 "attributes": encode_objects(e["objects"]), "heldout": np.bool_(e["heldout"])}
 
     def __repr__(self) -> str:
         return (f"ShapesSource(split={self.split!r}, num_examples={self.num_examples}, "
-                f"image_size={self.image_size}, seed={self.seed}, shape_twins={self.shape_twins})")
+                f"image_size={self.image_size}, seed={self.seed}, shape_twins={self.shape_twins}, "
+                f"two_object_fraction={self.two_object_fraction})")

@@ -3,25 +3,26 @@
 The data section of a stage config is ``default_data_config(kind)`` (every key, for every
 kind, so configs stay locked and overridable from the command line):
 
-==================  ==========  ==================================================
-key                 default     meaning
-==================  ==========  ==================================================
-kind                'shapes'    'shapes' | 'tar' | 'folder' | 'embeddings'
-path                ''          tar: folder of ``*.tar`` / glob / file / comma list;
-                                folder: image folder; embeddings: layout root
-eval_path           ''          the same for every split but 'train' (not shapes)
-image_size          64          side S of the uint8 (S, S, 3) images
-crop                'center'    'center' | 'random' (tar, folder)
-shuffle             True        batches: shuffled order (random access); tar: shard
-                                order and shuffle buffer
-shuffle_buffer      1000        tar: samples held for shuffling (≤ 1: stream order)
-num_epochs          0           tar: passes over the shards (0 = forever)
-num_examples        100_000     shapes: length of the 'train' split
-num_eval_examples   2_000       shapes: length of the 'test' and 'heldout' splits
-dataset_seed        0           shapes: which images exist (not the shuffling seed)
-require_hidden      True        embeddings: text_hidden/text_mask must exist
-shape_twins         False       shapes, train split: each item = an image + its shape twin
-==================  ==========  ==================================================
+===================  ==========  ==================================================
+key                  default     meaning
+===================  ==========  ==================================================
+kind                 'shapes'    'shapes' | 'tar' | 'folder' | 'embeddings'
+path                 ''          tar: folder of ``*.tar`` / glob / file / comma list;
+                                 folder: image folder; embeddings: layout root
+eval_path            ''          the same for every split but 'train' (not shapes)
+image_size           64          side S of the uint8 (S, S, 3) images
+crop                 'center'    'center' | 'random' (tar, folder)
+shuffle              True        batches: shuffled order (random access); tar: shard
+                                 order and shuffle buffer
+shuffle_buffer       1000        tar: samples held for shuffling (≤ 1: stream order)
+num_epochs           0           tar: passes over the shards (0 = forever)
+num_examples         100_000     shapes: length of the 'train' split
+num_eval_examples    2_000       shapes: length of the 'test' and 'heldout' splits
+dataset_seed         0           shapes: which images exist (not the shuffling seed)
+require_hidden       True        embeddings: text_hidden/text_mask must exist
+shape_twins          False       shapes, train split: each item = an image + its shape twin
+two_object_fraction  0.4         shapes, train split: share of two-object images
+===================  ==========  ==================================================
 
 Splits: shapes has 'train', 'test' (alias 'eval', 'val', 'validation') and 'heldout'
 (see ``shapes``); the readers use ``path`` for 'train' and ``eval_path`` otherwise.
@@ -76,6 +77,7 @@ def default_data_config(kind: str = "shapes") -> ml_collections.ConfigDict:
         dataset_seed=0,
         require_hidden=True,
         shape_twins=False,
+        two_object_fraction=shapes.P_TWO_OBJECTS,
     ))
 
 
@@ -111,6 +113,9 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
     if twins and kind != "shapes":
         raise ConfigError(f"data.shape_twins needs data.kind='shapes', not {kind!r}")
 
+    fraction = float(_get(data_config, "two_object_fraction"))
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"data.two_object_fraction={fraction} must be in [0, 1]")
     if kind == "shapes":
         if split not in _SHAPES_SPLITS:
             raise DataError(f"unknown shapes split {split!r}; choose one of "
@@ -119,7 +124,8 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
         n = int(_get(data_config, "num_examples" if name == "train" else "num_eval_examples"))
         source = shapes.ShapesSource(name, n, image_size=image_size,
                                      seed=int(_get(data_config, "dataset_seed")),
-                                     shape_twins=twins and name == "train", **proc)
+                                     shape_twins=twins and name == "train", **proc,
+                                     **({"two_object_fraction": fraction} if name == "train" else {}))
     else:
         key = "path" if split == "train" else "eval_path"
         path = _get(data_config, key)
