@@ -7,9 +7,9 @@
 channels (32/16/8 px), attention at 16 and 8 px, conditioned on the shapes CLIP (width 64;
 32 for ``tiny``) computed on the fly, learned-range variance with the hybrid loss,
 classifier-free guidance dropout (image 10 %, text 50 %). Variants: ``default`` (the
-recipe) and ``tiny`` (tests). The shipped decoder is this config's 4800 steps plus a
-2000-step fine-tuning leg (``train.init_from``, lr 3e-4, fresh images): README, "The
-captioned-shapes recipe".
+recipe) and ``tiny`` (tests). The shipped decoder is this config's 4800 steps plus two
+fine-tuning legs (``train.init_from``, lr 3e-4, fresh images; 2000 steps, then 3500 with
+``data.two_object_fraction=0.8``): README, "The captioned-shapes recipe".
 """
 
 import os
