@@ -103,7 +103,7 @@ def _article(word: str) -> str:
 
 
 def _noun_phrase(o: dict) -> str:
-    words = f"{o['size']} {o['color']} {o['shape']}"
+    words = " ".join(o[a] for a in ("size", "color", "shape") if o.get(a))  # colour may be left out
     return f"{_article(words)} {words}"
 
 
@@ -124,14 +124,24 @@ _PAIR_TEMPLATES = (
 )
 
 
+# The single-object templates that name the colour only through _noun_phrase.
+_NOUN_PHRASE_TEMPLATES = (0, 2, 4, 5)
+
+
 def caption_for(objects: Sequence[dict], relation: str | None, template: int = 0,
-                wording: int = 0) -> str:
+                wording: int = 0, *, with_color: bool = True) -> str:
     """The caption of one template for one or two objects.
 
     ``template`` indexes ``_SINGLE_TEMPLATES`` (1 object) or ``_PAIR_TEMPLATES`` (2
     objects, relation required), modulo their count; ``wording`` picks among the
-    phrasings of the relation ('left of' / 'to the left of').
+    phrasings of the relation ('left of' / 'to the left of'). ``with_color=False`` leaves
+    every colour out ("a small circle on the left"; single objects then use the templates
+    whose only colour word is in the noun phrase).
     """
+    if not with_color:
+        objects = [{**o, "color": None} for o in objects]
+        if len(objects) == 1:
+            template = _NOUN_PHRASE_TEMPLATES[template % len(_NOUN_PHRASE_TEMPLATES)]
     if len(objects) == 1:
         return _SINGLE_TEMPLATES[template % len(_SINGLE_TEMPLATES)](objects[0])
     if len(objects) != 2 or relation not in _REL_TEXT:
@@ -380,7 +390,8 @@ def _swap_one_shape(objects: list[dict], split: str, rng: np.random.Generator) -
 
 def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
                      shape_twin: bool = False,
-                     two_object_fraction: float = P_TWO_OBJECTS) -> dict[str, Any]:
+                     two_object_fraction: float = P_TWO_OBJECTS,
+                     colorless_caption_fraction: float = 0.0) -> dict[str, Any]:
     """Example ``index`` of ``split``: a pure function of its arguments.
 
     ``shape_twin``: the same example with one object's shape changed (same colours,
@@ -391,6 +402,12 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
     ``two_object_fraction``: the probability that the example shows two objects. At the
     default (0.4) the examples are the dataset's own; another value draws other examples
     from the same stream (e.g. more two-object images to train attribute binding).
+
+    ``colorless_caption_fraction``: the probability that the caption leaves out every
+    colour ("a small circle on the left"; ``objects`` still has them), drawn from a stream
+    of its own, so the images and the other captions do not change and a shape twin
+    makes the same choice as its original. Such captions ask CLIP to match shape apart
+    from colour.
 
     Returns ``{'image': uint8 (S, S, 3), 'caption': str, 'objects': [{'color', 'shape',
     'size', 'position'}, ...], 'relation': str | None, 'heldout': bool}``.
@@ -420,8 +437,12 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
         patch += cov[..., None] * (color - patch)
     image += rng.normal(0.0, noise_std, image.shape)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if not 0.0 <= colorless_caption_fraction <= 1.0:
+        raise ValueError(f"colorless_caption_fraction must be in [0, 1], got {colorless_caption_fraction}")
+    with_color = not (colorless_caption_fraction > 0 and np.random.default_rng(
+        [int(seed), SPLITS[split], int(index), 11]).random() < colorless_caption_fraction)
     caption = caption_for(objects, relation, template=int(rng.integers(6)),
-                          wording=int(rng.integers(2)))
+                          wording=int(rng.integers(2)), with_color=with_color)
     clean = [{a: o[a] for a in ATTRIBUTES} for o in objects]
     return {"image": image, "caption": caption, "objects": clean, "relation": relation,
             "heldout": is_heldout(clean)}
@@ -466,6 +487,7 @@ class ShapesSource:
       image_size: side S in pixels.
       seed: the dataset seed (which images exist), not a shuffling seed.
       two_object_fraction: the share of two-object examples (``generate_example``).
+      colorless_caption_fraction: the share of captions without colours (``generate_example``).
       process_index, process_count: recorded for ``sources.batches`` (which gives each
         process its slice of every global batch); the source holds all examples.
     """
@@ -473,7 +495,8 @@ class ShapesSource:
     def __init__(self, split: str = "train", num_examples: int = 100_000, *,
                  image_size: int = 64, seed: int = 0, process_index: int = 0,
                  process_count: int = 1, shape_twins: bool = False,
-                 two_object_fraction: float = P_TWO_OBJECTS):
+                 two_object_fraction: float = P_TWO_OBJECTS,
+                 colorless_caption_fraction: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; choose one of {sorted(SPLITS)}")
         if num_examples <= 0:
@@ -481,7 +504,9 @@ class ShapesSource:
         if shape_twins and split == "heldout":  # a twin could lose its held-out pair
             raise ValueError("shape_twins are for training splits, not 'heldout'")
         self.two_object_fraction = _check_two_object_fraction(two_object_fraction)
-        generate_example(seed, split, 0, image_size)  # validates image_size early
+        self.colorless_caption_fraction = float(colorless_caption_fraction)
+        generate_example(seed, split, 0, image_size,  # validates the arguments early
+                         colorless_caption_fraction=self.colorless_caption_fraction)
         self.split, self.num_examples = split, int(num_examples)
         self.image_size, self.seed = int(image_size), int(seed)
         self.process_index, self.process_count = process_index, process_count
@@ -504,11 +529,13 @@ class ShapesSource:
 
     def _item(self, index: int, twin: bool) -> dict[str, Any]:
         e = generate_example(self.seed, self.split, index, self.image_size, shape_twin=twin,
-                             two_object_fraction=self.two_object_fraction)
+                             two_object_fraction=self.two_object_fraction,
+                             colorless_caption_fraction=self.colorless_caption_fraction)
         return {"image": e["image"], "caption": e["caption"],
                 "attributes": encode_objects(e["objects"]), "heldout": np.bool_(e["heldout"])}
 
     def __repr__(self) -> str:
         return (f"ShapesSource(split={self.split!r}, num_examples={self.num_examples}, "
                 f"image_size={self.image_size}, seed={self.seed}, shape_twins={self.shape_twins}, "
-                f"two_object_fraction={self.two_object_fraction})")
+                f"two_object_fraction={self.two_object_fraction}, "
+                f"colorless_caption_fraction={self.colorless_caption_fraction})")

@@ -22,6 +22,7 @@ dataset_seed         0           shapes: which images exist (not the shuffling s
 require_hidden       True        embeddings: text_hidden/text_mask must exist
 shape_twins          False       shapes, train split: each item = an image + its shape twin
 two_object_fraction  0.4         shapes, train split: share of two-object images
+colorless_captions   0.0         shapes, train split: share of captions without colours
 ===================  ==========  ==================================================
 
 Splits: shapes has 'train', 'test' (alias 'eval', 'val', 'validation') and 'heldout'
@@ -78,6 +79,7 @@ def default_data_config(kind: str = "shapes") -> ml_collections.ConfigDict:
         require_hidden=True,
         shape_twins=False,
         two_object_fraction=shapes.P_TWO_OBJECTS,
+        colorless_captions=0.0,
     ))
 
 
@@ -113,9 +115,11 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
     if twins and kind != "shapes":
         raise ConfigError(f"data.shape_twins needs data.kind='shapes', not {kind!r}")
 
-    fraction = float(_get(data_config, "two_object_fraction"))
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"data.two_object_fraction={fraction} must be in [0, 1]")
+    train_only = {"two_object_fraction": float(_get(data_config, "two_object_fraction")),
+                  "colorless_caption_fraction": float(_get(data_config, "colorless_captions"))}
+    for key, fraction in zip(("two_object_fraction", "colorless_captions"), train_only.values()):
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"data.{key}={fraction} must be in [0, 1]")
     if kind == "shapes":
         if split not in _SHAPES_SPLITS:
             raise DataError(f"unknown shapes split {split!r}; choose one of "
@@ -125,7 +129,7 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
         source = shapes.ShapesSource(name, n, image_size=image_size,
                                      seed=int(_get(data_config, "dataset_seed")),
                                      shape_twins=twins and name == "train", **proc,
-                                     **({"two_object_fraction": fraction} if name == "train" else {}))
+                                     **(train_only if name == "train" else {}))
     else:
         key = "path" if split == "train" else "eval_path"
         path = _get(data_config, key)
