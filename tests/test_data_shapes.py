@@ -228,3 +228,5 @@ def test_colorless_captions_leave_out_every_colour_and_nothing_else():
     config.colorless_captions = 2.0
     with pytest.raises(Exception, match="colorless_captions"):
         sources.make_source(config, split="train")
+    with pytest.raises(ValueError, match="colorless_caption_fraction"):
+        shapes.ShapesSource("train", 5, colorless_caption_fraction=1.5)

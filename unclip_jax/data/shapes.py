@@ -357,9 +357,9 @@ def _sample_layout(rng: np.random.Generator, split: str,
     return objects, relation
 
 
-def _check_two_object_fraction(fraction: float) -> float:
+def _check_fraction(name: str, fraction: float) -> float:
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"two_object_fraction must be in [0, 1], got {fraction}")
+        raise ValueError(f"{name} must be in [0, 1], got {fraction}")
     return float(fraction)
 
 
@@ -369,7 +369,7 @@ def example_objects(seed: int, split: str, index: int, *,
     if split not in SPLITS:
         raise ValueError(f"unknown shapes split {split!r}; choose one of {sorted(SPLITS)}")
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    return _sample_layout(rng, split, _check_two_object_fraction(two_object_fraction))
+    return _sample_layout(rng, split, _check_fraction("two_object_fraction", two_object_fraction))
 
 
 def _swap_one_shape(objects: list[dict], split: str, rng: np.random.Generator) -> None:
@@ -418,8 +418,9 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
         raise ValueError(f"shapes image_size must be >= 16, got {image_size}")
     if index < 0:
         raise IndexError(f"negative example index {index}")
+    _check_fraction("colorless_caption_fraction", colorless_caption_fraction)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    objects, relation = _sample_layout(rng, split, _check_two_object_fraction(two_object_fraction))
+    objects, relation = _sample_layout(rng, split, _check_fraction("two_object_fraction", two_object_fraction))
     if shape_twin:  # its own stream, so the main one draws the rest exactly as for the original
         _swap_one_shape(objects, split, np.random.default_rng([int(seed), SPLITS[split], int(index), 7]))
     for o in objects:
@@ -437,8 +438,6 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
         patch += cov[..., None] * (color - patch)
     image += rng.normal(0.0, noise_std, image.shape)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    if not 0.0 <= colorless_caption_fraction <= 1.0:
-        raise ValueError(f"colorless_caption_fraction must be in [0, 1], got {colorless_caption_fraction}")
     with_color = not (colorless_caption_fraction > 0 and np.random.default_rng(
         [int(seed), SPLITS[split], int(index), 11]).random() < colorless_caption_fraction)
     caption = caption_for(objects, relation, template=int(rng.integers(6)),
@@ -503,10 +502,9 @@ class ShapesSource:
             raise ValueError(f"shapes num_examples must be positive, got {num_examples}")
         if shape_twins and split == "heldout":  # a twin could lose its held-out pair
             raise ValueError("shape_twins are for training splits, not 'heldout'")
-        self.two_object_fraction = _check_two_object_fraction(two_object_fraction)
-        self.colorless_caption_fraction = float(colorless_caption_fraction)
-        generate_example(seed, split, 0, image_size,  # validates the arguments early
-                         colorless_caption_fraction=self.colorless_caption_fraction)
+        self.two_object_fraction = _check_fraction("two_object_fraction", two_object_fraction)
+        self.colorless_caption_fraction = _check_fraction("colorless_caption_fraction", colorless_caption_fraction)
+        generate_example(seed, split, 0, image_size)  # validates image_size early
         self.split, self.num_examples = split, int(num_examples)
         self.image_size, self.seed = int(image_size), int(seed)
         self.process_index, self.process_count = process_index, process_count
