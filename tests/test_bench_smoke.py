@@ -149,3 +149,18 @@ def test_shapes_binding_probe_swaps_whole_words_and_runs(capsys):
     groups = row["generated"]
     assert groups["n"] == row["color"]["n"]
     assert sum(g["n"] for k, g in groups.items() if k != "n") <= groups["n"]
+
+
+def test_shapes_clip_probe_on_the_shipped_model(capsys):
+    import json
+
+    from bench.shapes_clip_probe import main
+    main(["--num=60", "--num_train=300"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["num_train"] == 300
+    for split in ("test", "heldout"):
+        assert row[split]["n"] == 60
+        assert set(row[split]["zero_shot_by_size"]) == {"small", "large"}
+        assert all(0.0 <= row[split][k] <= 1.0 for k in ("zero_shot", "linear_probe"))
+    # The shipped CLIP carries shape on seen colour-shape pairs (README: linear probe 97% on 600).
+    assert row["test"]["linear_probe"] >= 0.8, row
