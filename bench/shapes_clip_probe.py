@@ -24,20 +24,11 @@ import json
 
 
 def one_object_examples(split: str, num: int, image_size: int, seed: int):
-    """The first ``num`` one-object examples of ``split``: uint8 images, shape labels, sizes."""
-    import numpy as np
-    from unclip_jax.data import shapes
-    images, labels, sizes = [], [], []
-    for i in range(40 * num):
-        e = shapes.generate_example(seed, split, i, image_size)
-        if len(e["objects"]) != 1:
-            continue
-        images.append(e["image"])
-        labels.append(shapes.SHAPES.index(e["objects"][0]["shape"]))
-        sizes.append(e["objects"][0]["size"])
-        if len(images) == num:
-            break
-    return np.stack(images), np.asarray(labels), np.asarray(sizes)
+    """The first ``num`` one-object examples of ``split``: uint8 images, shape and size indices."""
+    from unclip_jax.stages.clip import single_object_examples
+    examples = single_object_examples(split, num, {"data": {"image_size": image_size, "dataset_seed": seed}},
+                                      max_scan=40 * num)
+    return examples["image"], examples["shape"], examples["size"]
 
 
 def main(argv=None):
@@ -80,7 +71,7 @@ def main(argv=None):
         result[split] = {
             "n": len(labels),
             "zero_shot": round(float(zero_shot.mean()), 4),
-            "zero_shot_by_size": {s: round(float(zero_shot[sizes == s].mean()), 4) for s in shapes.SIZES},
+            "zero_shot_by_size": {s: round(float(zero_shot[sizes == i].mean()), 4) for i, s in enumerate(shapes.SIZES)},
             "linear_probe": round(float(probe.mean()), 4),
         }
     print(json.dumps(result))

@@ -204,19 +204,21 @@ def test_two_object_fraction_sets_the_share_of_two_object_images_in_train_only()
 def test_colorless_captions_leave_out_every_colour_and_nothing_else():
     from unclip_jax.data import sources
 
+    def has_colour(caption):
+        return bool(set(re.findall(r"\w+", caption)) & set(shapes.COLORS))
+
     for i in range(30):
         plain = shapes.generate_example(4, "train", i, 16)
-        always = shapes.generate_example(4, "train", i, 16, colorless_caption_fraction=1.0)
+        always = shapes.generate_example(4, "train", i, 16, colorless_captions=1.0)
         assert np.array_equal(plain["image"], always["image"]) and plain["objects"] == always["objects"]
         assert not set(re.findall(r"\w+", always["caption"])) & set(shapes.COLORS), always["caption"]
         parsed = shapes.parse_prompt(always["caption"])
         assert [(o["shape"], o["size"], o["color"]) for o in parsed] == \
             [(o["shape"], o["size"], None) for o in plain["objects"]], always["caption"]
-        twin = shapes.generate_example(4, "train", i, 16, colorless_caption_fraction=0.5, shape_twin=True)
-        half = shapes.generate_example(4, "train", i, 16, colorless_caption_fraction=0.5)
-        has_colour = lambda c: bool(set(re.findall(r"\w+", c)) & set(shapes.COLORS))  # noqa: E731
+        twin = shapes.generate_example(4, "train", i, 16, colorless_captions=0.5, shape_twin=True)
+        half = shapes.generate_example(4, "train", i, 16, colorless_captions=0.5)
         assert has_colour(twin["caption"]) == has_colour(half["caption"])  # a twin makes its original's choice
-    share = np.mean([not has_colour(shapes.generate_example(4, "train", i, 16, colorless_caption_fraction=0.5)["caption"])
+    share = np.mean([not has_colour(shapes.generate_example(4, "train", i, 16, colorless_captions=0.5)["caption"])
                      for i in range(200)])
     assert 0.35 < share < 0.65
 
@@ -228,5 +230,5 @@ def test_colorless_captions_leave_out_every_colour_and_nothing_else():
     config.colorless_captions = 2.0
     with pytest.raises(Exception, match="colorless_captions"):
         sources.make_source(config, split="train")
-    with pytest.raises(ValueError, match="colorless_caption_fraction"):
-        shapes.ShapesSource("train", 5, colorless_caption_fraction=1.5)
+    with pytest.raises(ValueError, match="colorless_captions"):
+        shapes.ShapesSource("train", 5, colorless_captions=1.5)

@@ -391,7 +391,7 @@ def _swap_one_shape(objects: list[dict], split: str, rng: np.random.Generator) -
 def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
                      shape_twin: bool = False,
                      two_object_fraction: float = P_TWO_OBJECTS,
-                     colorless_caption_fraction: float = 0.0) -> dict[str, Any]:
+                     colorless_captions: float = 0.0) -> dict[str, Any]:
     """Example ``index`` of ``split``: a pure function of its arguments.
 
     ``shape_twin``: the same example with one object's shape changed (same colours,
@@ -403,7 +403,7 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
     default (0.4) the examples are the dataset's own; another value draws other examples
     from the same stream (e.g. more two-object images to train attribute binding).
 
-    ``colorless_caption_fraction``: the probability that the caption leaves out every
+    ``colorless_captions``: the probability that the caption leaves out every
     colour ("a small circle on the left"; ``objects`` still has them), drawn from a stream
     of its own, so the images and the other captions do not change and a shape twin
     makes the same choice as its original. Such captions ask CLIP to match shape apart
@@ -418,7 +418,7 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
         raise ValueError(f"shapes image_size must be >= 16, got {image_size}")
     if index < 0:
         raise IndexError(f"negative example index {index}")
-    _check_fraction("colorless_caption_fraction", colorless_caption_fraction)
+    _check_fraction("colorless_captions", colorless_captions)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     objects, relation = _sample_layout(rng, split, _check_fraction("two_object_fraction", two_object_fraction))
     if shape_twin:  # its own stream, so the main one draws the rest exactly as for the original
@@ -438,8 +438,8 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
         patch += cov[..., None] * (color - patch)
     image += rng.normal(0.0, noise_std, image.shape)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    with_color = not (colorless_caption_fraction > 0 and np.random.default_rng(
-        [int(seed), SPLITS[split], int(index), 11]).random() < colorless_caption_fraction)
+    with_color = not (colorless_captions > 0 and np.random.default_rng(
+        [int(seed), SPLITS[split], int(index), 11]).random() < colorless_captions)
     caption = caption_for(objects, relation, template=int(rng.integers(6)),
                           wording=int(rng.integers(2)), with_color=with_color)
     clean = [{a: o[a] for a in ATTRIBUTES} for o in objects]
@@ -486,7 +486,7 @@ class ShapesSource:
       image_size: side S in pixels.
       seed: the dataset seed (which images exist), not a shuffling seed.
       two_object_fraction: the share of two-object examples (``generate_example``).
-      colorless_caption_fraction: the share of captions without colours (``generate_example``).
+      colorless_captions: the share of captions without colours (``generate_example``).
       process_index, process_count: recorded for ``sources.batches`` (which gives each
         process its slice of every global batch); the source holds all examples.
     """
@@ -495,7 +495,7 @@ class ShapesSource:
                  image_size: int = 64, seed: int = 0, process_index: int = 0,
                  process_count: int = 1, shape_twins: bool = False,
                  two_object_fraction: float = P_TWO_OBJECTS,
-                 colorless_caption_fraction: float = 0.0):
+                 colorless_captions: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; choose one of {sorted(SPLITS)}")
         if num_examples <= 0:
@@ -503,7 +503,7 @@ class ShapesSource:
         if shape_twins and split == "heldout":  # a twin could lose its held-out pair
             raise ValueError("shape_twins are for training splits, not 'heldout'")
         self.two_object_fraction = _check_fraction("two_object_fraction", two_object_fraction)
-        self.colorless_caption_fraction = _check_fraction("colorless_caption_fraction", colorless_caption_fraction)
+        self.colorless_captions = _check_fraction("colorless_captions", colorless_captions)
         generate_example(seed, split, 0, image_size)  # validates image_size early
         self.split, self.num_examples = split, int(num_examples)
         self.image_size, self.seed = int(image_size), int(seed)
@@ -528,7 +528,7 @@ class ShapesSource:
     def _item(self, index: int, twin: bool) -> dict[str, Any]:
         e = generate_example(self.seed, self.split, index, self.image_size, shape_twin=twin,
                              two_object_fraction=self.two_object_fraction,
-                             colorless_caption_fraction=self.colorless_caption_fraction)
+                             colorless_captions=self.colorless_captions)
         return {"image": e["image"], "caption": e["caption"],
                 "attributes": encode_objects(e["objects"]), "heldout": np.bool_(e["heldout"])}
 
@@ -536,4 +536,4 @@ class ShapesSource:
         return (f"ShapesSource(split={self.split!r}, num_examples={self.num_examples}, "
                 f"image_size={self.image_size}, seed={self.seed}, shape_twins={self.shape_twins}, "
                 f"two_object_fraction={self.two_object_fraction}, "
-                f"colorless_caption_fraction={self.colorless_caption_fraction})")
+                f"colorless_captions={self.colorless_captions})")

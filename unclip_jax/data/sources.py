@@ -115,11 +115,11 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
     if twins and kind != "shapes":
         raise ConfigError(f"data.shape_twins needs data.kind='shapes', not {kind!r}")
 
-    train_only = {"two_object_fraction": float(_get(data_config, "two_object_fraction")),
-                  "colorless_caption_fraction": float(_get(data_config, "colorless_captions"))}
-    for key, fraction in zip(("two_object_fraction", "colorless_captions"), train_only.values()):
-        if not 0.0 <= fraction <= 1.0:
-            raise ConfigError(f"data.{key}={fraction} must be in [0, 1]")
+    # Shares of the shapes train split; the ShapesSource arguments of the same names.
+    train_shares = {k: float(_get(data_config, k)) for k in ("two_object_fraction", "colorless_captions")}
+    for key, share in train_shares.items():
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"data.{key}={share} must be in [0, 1]")
     if kind == "shapes":
         if split not in _SHAPES_SPLITS:
             raise DataError(f"unknown shapes split {split!r}; choose one of "
@@ -129,7 +129,7 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
         source = shapes.ShapesSource(name, n, image_size=image_size,
                                      seed=int(_get(data_config, "dataset_seed")),
                                      shape_twins=twins and name == "train", **proc,
-                                     **(train_only if name == "train" else {}))
+                                     **(train_shares if name == "train" else {}))
     else:
         key = "path" if split == "train" else "eval_path"
         path = _get(data_config, key)

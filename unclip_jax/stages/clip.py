@@ -324,11 +324,12 @@ def stage_loss(params, batch: Mapping[str, jax.Array], key, config, *, train: bo
 
 def single_object_examples(split: str, num: int, config, max_scan: int | None = None) -> dict:
     """The first ``num`` one-object images of a captioned-shapes split: ``image`` uint8,
-    ``color`` and ``shape`` label indices (into ``shapes.COLORS`` / ``shapes.SHAPES``)."""
+    ``color``, ``shape`` and ``size`` label indices (into ``shapes.COLORS`` /
+    ``shapes.SHAPES`` / ``shapes.SIZES``)."""
     from unclip_jax.data import shapes
     data = config["data"]
     size, seed = int(data.get("image_size", 64)), int(data.get("dataset_seed", 0))
-    images, colors, kinds = [], [], []
+    images, colors, kinds, sizes = [], [], [], []
     for i in range(max_scan or 20 * num):
         e = shapes.generate_example(seed, split, i, size)
         if len(e["objects"]) != 1:
@@ -336,11 +337,13 @@ def single_object_examples(split: str, num: int, config, max_scan: int | None = 
         images.append(e["image"])
         colors.append(shapes.COLORS.index(e["objects"][0]["color"]))
         kinds.append(shapes.SHAPES.index(e["objects"][0]["shape"]))
+        sizes.append(shapes.SIZES.index(e["objects"][0]["size"]))
         if len(images) == num:
             break
     if not images:
         raise ValueError(f"no one-object images in the first {max_scan or 20 * num} of split {split!r}")
-    return {"image": np.stack(images), "color": np.asarray(colors), "shape": np.asarray(kinds)}
+    return {"image": np.stack(images), "color": np.asarray(colors), "shape": np.asarray(kinds),
+            "size": np.asarray(sizes)}
 
 
 def _caption_templates(attribute: str) -> list[str]:
