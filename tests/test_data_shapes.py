@@ -232,3 +232,44 @@ def test_colorless_captions_leave_out_every_colour_and_nothing_else():
         sources.make_source(config, split="train")
     with pytest.raises(ValueError, match="colorless_captions"):
         shapes.ShapesSource("train", 5, colorless_captions=1.5)
+
+
+def test_unnamed_colors_draw_objects_off_the_held_out_hues_with_colourless_captions():
+    from unclip_jax.data import oracle, sources
+
+    rng = np.random.default_rng(0)
+    held_hues = [shapes._hue_degrees(shapes.PALETTE[c]) for c, _ in shapes.HELDOUT_PAIRS]
+    hues = [shapes._hue_degrees(shapes.unnamed_color(rng)) for _ in range(500)]
+    assert min(shapes._hue_distance(h, g) for h in hues for g in held_hues) >= shapes.UNNAMED_HUE_MARGIN
+    assert max(hues) - min(hues) > 180  # a spread of hues, not one colour
+
+    for i in range(12):
+        plain = shapes.generate_example(5, "train", i, 64)
+        always = shapes.generate_example(5, "train", i, 64, unnamed_colors=1.0)
+        assert not set(re.findall(r"\w+", always["caption"])) & set(shapes.COLORS), always["caption"]
+        assert [o["color"] for o in always["objects"]] == [None] * len(plain["objects"])
+        assert [{**o, "color": None} for o in plain["objects"]] == always["objects"]
+        assert not np.array_equal(plain["image"], always["image"])
+        # The same geometry: the pixel oracle reads the same shape, size and place.
+        found = oracle.detect(always["image"])
+        assert sorted((o["shape"], o["size"], o["position"]) for o in found) == \
+            sorted((o["shape"], o["size"], o["position"]) for o in plain["objects"]), i
+        half = shapes.generate_example(5, "train", i, 32, unnamed_colors=0.5)
+        twin = shapes.generate_example(5, "train", i, 32, unnamed_colors=0.5, shape_twin=True)
+        assert (half["objects"][0]["color"] is None) == (twin["objects"][0]["color"] is None)
+    share = np.mean([shapes.generate_example(5, "train", i, 16, unnamed_colors=0.3)["objects"][0]["color"] is None
+                     for i in range(300)])
+    assert 0.2 < share < 0.4
+
+    config = sources.default_data_config("shapes")
+    config.num_examples, config.num_eval_examples, config.image_size = 20, 20, 16
+    config.unnamed_colors = 1.0
+    train = sources.make_source(config, split="train")
+    assert all((train[i]["attributes"][:, 0] == -1).all() for i in range(20))
+    # Evaluation splits keep the vocabulary's colours.
+    assert all(sources.make_source(config, split="heldout")[i]["attributes"][0, 0] >= 0 for i in range(20))
+    config.unnamed_colors = -0.5
+    with pytest.raises(Exception, match="unnamed_colors"):
+        sources.make_source(config, split="train")
+    with pytest.raises(ValueError, match="unnamed_colors"):
+        shapes.ShapesSource("train", 5, unnamed_colors=1.5)

@@ -30,6 +30,7 @@ can produce any example: ``ShapesSource`` is a random-access source for grain.
 
 from __future__ import annotations
 
+import colorsys
 import re
 from typing import Any, Iterable, Sequence
 
@@ -322,8 +323,38 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]
     return bg, noise_std
 
 
-def _object_color(rng: np.random.Generator, name: str) -> np.ndarray:
-    base = np.asarray(PALETTE[name], np.float64)
+# Hues of the objects drawn in unnamed colours (``unnamed_colors``): at least this far (in
+# degrees) from the hue of every colour in a held-out pair, so no unnamed object looks like
+# a held-out pair; they may lie near the other palette colours, all of whose pairs are seen.
+UNNAMED_HUE_MARGIN = 35.0
+
+
+def _hue_degrees(rgb: Sequence[float]) -> float:
+    return 360.0 * colorsys.rgb_to_hsv(*(np.asarray(rgb, np.float64) / 255.0))[0]
+
+
+def _hue_distance(a: float, b: float) -> float:
+    d = abs(a - b) % 360.0
+    return min(d, 360.0 - d)
+
+
+_HELDOUT_HUES = tuple(_hue_degrees(PALETTE[c]) for c in sorted({c for c, _ in HELDOUT_PAIRS}))
+
+
+def unnamed_color(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A saturated RGB colour (0-255 floats) outside the vocabulary's held-out hues (see
+    ``UNNAMED_HUE_MARGIN``): hue uniform over what the margin allows, saturation 0.55-0.9,
+    value 0.6-0.95."""
+    while True:  # rejection: about 2/3 of hues are allowed
+        hue = rng.uniform(0.0, 360.0)
+        if min(_hue_distance(hue, h) for h in _HELDOUT_HUES) >= UNNAMED_HUE_MARGIN:
+            break
+    rgb = colorsys.hsv_to_rgb(hue / 360.0, rng.uniform(0.55, 0.9), rng.uniform(0.6, 0.95))
+    return tuple(255.0 * c for c in rgb)
+
+
+def _object_color(rng: np.random.Generator, base: Sequence[float]) -> np.ndarray:
+    base = np.asarray(base, np.float64)
     return np.clip(base * rng.uniform(0.9, 1.05) + rng.uniform(-6, 6, 3), 0, 255)
 
 
@@ -391,7 +422,8 @@ def _swap_one_shape(objects: list[dict], split: str, rng: np.random.Generator) -
 def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
                      shape_twin: bool = False,
                      two_object_fraction: float = P_TWO_OBJECTS,
-                     colorless_captions: float = 0.0) -> dict[str, Any]:
+                     colorless_captions: float = 0.0,
+                     unnamed_colors: float = 0.0) -> dict[str, Any]:
     """Example ``index`` of ``split``: a pure function of its arguments.
 
     ``shape_twin``: the same example with one object's shape changed (same colours,
@@ -409,6 +441,13 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
     makes the same choice as its original. Such captions ask CLIP to match shape apart
     from colour.
 
+    ``unnamed_colors``: the probability that every object is drawn in a colour outside
+    the vocabulary (``unnamed_color``: no held-out pair's hue), with a caption that names
+    no colour and ``objects`` colours of None. The choice and the colours come from a
+    stream of their own (a shape twin gets its original's), and the rest of the picture
+    is drawn as without it. Such images ask CLIP to read shape from any colour, so that it
+    carries over to colour-shape pairs it never saw.
+
     Returns ``{'image': uint8 (S, S, 3), 'caption': str, 'objects': [{'color', 'shape',
     'size', 'position'}, ...], 'relation': str | None, 'heldout': bool}``.
     """
@@ -419,6 +458,7 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
     if index < 0:
         raise IndexError(f"negative example index {index}")
     _check_fraction("colorless_captions", colorless_captions)
+    _check_fraction("unnamed_colors", unnamed_colors)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     objects, relation = _sample_layout(rng, split, _check_fraction("two_object_fraction", two_object_fraction))
     if shape_twin:  # its own stream, so the main one draws the rest exactly as for the original
@@ -430,19 +470,21 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64, *,
             _place(o, rng, jitter=attempt < 8)
         if len(objects) == 1 or _separated(*objects):
             break
+    unnamed_rng = np.random.default_rng([int(seed), SPLITS[split], int(index), 13])
+    unnamed = unnamed_colors > 0 and unnamed_rng.random() < unnamed_colors
     image, noise_std = _background(rng, image_size)
     for o in objects:
         cov, y0, x0 = _coverage(o, image_size)
-        color = _object_color(rng, o["color"])
+        color = _object_color(rng, unnamed_color(unnamed_rng) if unnamed else PALETTE[o["color"]])
         patch = image[y0:y0 + cov.shape[0], x0:x0 + cov.shape[1]]
         patch += cov[..., None] * (color - patch)
     image += rng.normal(0.0, noise_std, image.shape)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    with_color = not (colorless_captions > 0 and np.random.default_rng(
+    with_color = not unnamed and not (colorless_captions > 0 and np.random.default_rng(
         [int(seed), SPLITS[split], int(index), 11]).random() < colorless_captions)
     caption = caption_for(objects, relation, template=int(rng.integers(6)),
                           wording=int(rng.integers(2)), with_color=with_color)
-    clean = [{a: o[a] for a in ATTRIBUTES} for o in objects]
+    clean = [{a: (None if unnamed and a == "color" else o[a]) for a in ATTRIBUTES} for o in objects]
     return {"image": image, "caption": caption, "objects": clean, "relation": relation,
             "heldout": is_heldout(clean)}
 
@@ -487,6 +529,8 @@ class ShapesSource:
       seed: the dataset seed (which images exist), not a shuffling seed.
       two_object_fraction: the share of two-object examples (``generate_example``).
       colorless_captions: the share of captions without colours (``generate_example``).
+      unnamed_colors: the share of examples drawn in colours outside the vocabulary
+        (``generate_example``); their 'attributes' colour is -1.
       process_index, process_count: recorded for ``sources.batches`` (which gives each
         process its slice of every global batch); the source holds all examples.
     """
@@ -495,7 +539,7 @@ class ShapesSource:
                  image_size: int = 64, seed: int = 0, process_index: int = 0,
                  process_count: int = 1, shape_twins: bool = False,
                  two_object_fraction: float = P_TWO_OBJECTS,
-                 colorless_captions: float = 0.0):
+                 colorless_captions: float = 0.0, unnamed_colors: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; choose one of {sorted(SPLITS)}")
         if num_examples <= 0:
@@ -504,6 +548,7 @@ class ShapesSource:
             raise ValueError("shape_twins are for training splits, not 'heldout'")
         self.two_object_fraction = _check_fraction("two_object_fraction", two_object_fraction)
         self.colorless_captions = _check_fraction("colorless_captions", colorless_captions)
+        self.unnamed_colors = _check_fraction("unnamed_colors", unnamed_colors)
         generate_example(seed, split, 0, image_size)  # validates image_size early
         self.split, self.num_examples = split, int(num_examples)
         self.image_size, self.seed = int(image_size), int(seed)
@@ -528,7 +573,8 @@ class ShapesSource:
     def _item(self, index: int, twin: bool) -> dict[str, Any]:
         e = generate_example(self.seed, self.split, index, self.image_size, shape_twin=twin,
                              two_object_fraction=self.two_object_fraction,
-                             colorless_captions=self.colorless_captions)
+                             colorless_captions=self.colorless_captions,
+                             unnamed_colors=self.unnamed_colors)
         return {"image": e["image"], "caption": e["caption"],
                 "attributes": encode_objects(e["objects"]), "heldout": np.bool_(e["heldout"])}
 
@@ -536,4 +582,5 @@ class ShapesSource:
         return (f"ShapesSource(split={self.split!r}, num_examples={self.num_examples}, "
                 f"image_size={self.image_size}, seed={self.seed}, shape_twins={self.shape_twins}, "
                 f"two_object_fraction={self.two_object_fraction}, "
-                f"colorless_captions={self.colorless_captions})")
+                f"colorless_captions={self.colorless_captions}, "
+                f"unnamed_colors={self.unnamed_colors})")

@@ -23,6 +23,8 @@ require_hidden       True        embeddings: text_hidden/text_mask must exist
 shape_twins          False       shapes, train split: each item = an image + its shape twin
 two_object_fraction  0.4         shapes, train split: share of two-object images
 colorless_captions   0.0         shapes, train split: share of captions without colours
+unnamed_colors       0.0         shapes, train split: share of images in colours outside
+                                 the vocabulary, captioned without colours
 ===================  ==========  ==================================================
 
 Splits: shapes has 'train', 'test' (alias 'eval', 'val', 'validation') and 'heldout'
@@ -80,6 +82,7 @@ def default_data_config(kind: str = "shapes") -> ml_collections.ConfigDict:
         shape_twins=False,
         two_object_fraction=shapes.P_TWO_OBJECTS,
         colorless_captions=0.0,
+        unnamed_colors=0.0,
     ))
 
 
@@ -116,7 +119,8 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
         raise ConfigError(f"data.shape_twins needs data.kind='shapes', not {kind!r}")
 
     # Shares of the shapes train split; the ShapesSource arguments of the same names.
-    train_shares = {k: float(_get(data_config, k)) for k in ("two_object_fraction", "colorless_captions")}
+    train_shares = {k: float(_get(data_config, k)) for k in ("two_object_fraction", "colorless_captions",
+                                                              "unnamed_colors")}
     for key, share in train_shares.items():
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"data.{key}={share} must be in [0, 1]")
