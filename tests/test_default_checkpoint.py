@@ -2,12 +2,15 @@
 with no flags, ``sample.py`` needs only a prompt, and its samples for a fixed prompt set
 (half of them naming held-out colour-shape pairs) keep the quality it was shipped with.
 
-The shipped model reaches every oracle threshold of issue 8 (colour 0.90, shape 0.75, size
-0.75, position 0.75), and the test holds it to them. On these 48 prompts it scored colour
-0.968, shape 0.887, size 0.984, position 0.839 when it was committed (session 13: session
-6's CLIP and prior, session 6's decoder fine-tuned for 2000 and then 3500 more steps, the
-last leg on 80 % two-object images; a noise-augmented v-prediction upsampler; 50 decoder
-steps and the best of 4 images by CLIP; on 200 prompts 0.922 / 0.879 / 0.968 / 0.826).
+The test holds the shipped model to issue 8's oracle thresholds (colour 0.90, shape 0.75,
+size 0.75, position 0.75) and its CLIP to the zero-shot target (0.90). On these 48 prompts
+it scored colour 0.984, shape 0.903, size 0.984, position 0.935 when it was committed
+(session 14: session 6's CLIP fine-tuned with 60 % of its images in unnamed colours, session
+6's prior fine-tuned onto it, session 6's decoder fine-tuned in three legs, the last onto the
+new CLIP; a noise-augmented v-prediction upsampler; 50 decoder steps and the best of 4
+images by CLIP). On 200 prompts it scores 0.893 / 0.897 / 0.968 / 0.943: colour is under
+the issue's 0.90 there (README), though not on these 48. Its CLIP reads colour 1.00 and
+shape 0.953 on the 300 held-out images of the CLIP test.
 """
 
 import json
@@ -41,6 +44,29 @@ def test_shipped_model_keeps_its_oracle_scores(default_pipeline):
     assert scores["n"] == NUM_PROMPTS and scores["heldout"]["n"] == NUM_PROMPTS // 2
     for attribute, floor in FLOORS.items():
         assert scores[attribute] >= floor, (attribute, scores)
+
+
+def test_shipped_clip_names_colour_and_shape_of_held_out_pairs_zero_shot(default_pipeline):
+    """Issue 8's CLIP target: zero-shot colour and shape >= 90 % on one-object images of
+    held-out colour-shape pairs, each class prompt-ensembled over training-style captions
+    of every value of the other attributes (as ``stages.clip.evaluate_shapes_zero_shot``)."""
+    from unclip_jax.data import shapes
+    from unclip_jax.stages.clip import _caption_templates, single_object_examples
+
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    size = default_pipeline.clip_config.vision.image_size
+    examples = single_object_examples("heldout", 300, {"data": {"image_size": size, "dataset_seed": 0}})
+    images = unit(np.concatenate([default_pipeline.encode_image(list(examples["image"][i:i + 100]))
+                                  for i in range(0, len(examples["image"]), 100)]))
+    for attribute, classes in (("color", shapes.COLORS), ("shape", shapes.SHAPES)):
+        templates = _caption_templates(attribute)
+        classifier = unit(np.stack([unit(default_pipeline.encode_text([t.format(c) for t in templates]).embed).mean(0)
+                                    for c in classes]))
+        accuracy = float(((images @ classifier.T).argmax(1) == examples[attribute]).mean())
+        assert accuracy >= 0.90, (attribute, accuracy)
 
 
 def test_sample_py_needs_only_a_prompt(tmp_path):
