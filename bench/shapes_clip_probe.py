@@ -42,7 +42,7 @@ def main(argv=None):
     from unclip_jax.assets import default_checkpoint
     from unclip_jax.data import shapes
     from unclip_jax.pipeline import load_pipeline
-    from unclip_jax.stages.clip import _caption_templates
+    from unclip_jax.stages.clip import _caption_templates, ensemble_classifier
     pipe = load_pipeline(args.pipeline or default_checkpoint())
     size = pipe.clip_config.vision.image_size
 
@@ -53,9 +53,8 @@ def main(argv=None):
     def embed_images(images):
         return unit(np.concatenate([pipe.encode_image(list(images[i:i + 200])) for i in range(0, len(images), 200)]))
 
-    templates = _caption_templates("shape")
-    classifier = unit(np.stack([unit(pipe.encode_text([t.format(s) for t in templates]).embed).mean(0)
-                                for s in shapes.SHAPES]))
+    classifier = ensemble_classifier(lambda prompts: pipe.encode_text(prompts).embed, shapes.SHAPES,
+                                     _caption_templates("shape"))
 
     train_images, train_labels, _ = one_object_examples("train", args.num_train, size, seed=5)
     features = np.c_[embed_images(train_images), np.ones(len(train_images))]

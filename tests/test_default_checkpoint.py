@@ -51,21 +51,17 @@ def test_shipped_clip_names_colour_and_shape_of_held_out_pairs_zero_shot(default
     held-out colour-shape pairs, each class prompt-ensembled over training-style captions
     of every value of the other attributes (as ``stages.clip.evaluate_shapes_zero_shot``)."""
     from unclip_jax.data import shapes
-    from unclip_jax.stages.clip import _caption_templates, single_object_examples
-
-    def unit(x):
-        x = np.asarray(x, np.float64)
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    from unclip_jax.stages.clip import (_caption_templates, ensemble_classifier, single_object_examples,
+                                        topk_accuracy)
 
     size = default_pipeline.clip_config.vision.image_size
     examples = single_object_examples("heldout", 300, {"data": {"image_size": size, "dataset_seed": 0}})
-    images = unit(np.concatenate([default_pipeline.encode_image(list(examples["image"][i:i + 100]))
-                                  for i in range(0, len(examples["image"]), 100)]))
+    images = np.concatenate([default_pipeline.encode_image(list(examples["image"][i:i + 100]))
+                             for i in range(0, len(examples["image"]), 100)])
     for attribute, classes in (("color", shapes.COLORS), ("shape", shapes.SHAPES)):
-        templates = _caption_templates(attribute)
-        classifier = unit(np.stack([unit(default_pipeline.encode_text([t.format(c) for t in templates]).embed).mean(0)
-                                    for c in classes]))
-        accuracy = float(((images @ classifier.T).argmax(1) == examples[attribute]).mean())
+        classifier = ensemble_classifier(lambda prompts: default_pipeline.encode_text(prompts).embed,
+                                         classes, _caption_templates(attribute))
+        accuracy = topk_accuracy(images, examples[attribute], classifier, ks=(1,))["top1"]
         assert accuracy >= 0.90, (attribute, accuracy)
 
 

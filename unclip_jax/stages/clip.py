@@ -174,10 +174,12 @@ def encode_prompts(encode_text: EncodeText, tokenize: Callable, prompts: Sequenc
     return _batched(encode_text, [tokens.input_ids, tokens.attention_mask], batch_size)
 
 
-def zero_shot_classifier(encode_text: EncodeText, tokenize: Callable, classnames: Sequence[str],
-                         templates: Sequence[str], batch_size: int = 256) -> np.ndarray:
+def ensemble_classifier(embed_prompts: Callable[[list[str]], np.ndarray], classnames: Sequence[str],
+                        templates: Sequence[str]) -> np.ndarray:
     """Class weights (C, P): per class, the normalised mean of its normalised template embeddings.
 
+    ``embed_prompts``: list of N prompts → text embeddings (N, P) (of a training stage's
+    params, or an exported pipeline's ``lambda p: pipe.encode_text(p).embed``).
     ``templates`` are format strings with one ``{}`` for the class name, e.g.
     ``"a photo of a {}."`` (CLIP's prompt ensembling).
     """
@@ -187,9 +189,16 @@ def zero_shot_classifier(encode_text: EncodeText, tokenize: Callable, classnames
     if bad:
         raise ValueError(f"each template needs exactly one '{{}}' for the class name: {bad}")
     prompts = [t.format(c) for c in classnames for t in templates]
-    z = np.asarray(l2_normalize(encode_prompts(encode_text, tokenize, prompts, batch_size)))
+    z = np.asarray(l2_normalize(jnp.asarray(embed_prompts(prompts))))
     z = z.reshape(len(classnames), len(templates), -1).mean(axis=1)
     return np.asarray(l2_normalize(z))
+
+
+def zero_shot_classifier(encode_text: EncodeText, tokenize: Callable, classnames: Sequence[str],
+                         templates: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """``ensemble_classifier`` of a text encoder on token ids, ``batch_size`` prompts at a time."""
+    return ensemble_classifier(lambda prompts: encode_prompts(encode_text, tokenize, prompts, batch_size),
+                               classnames, templates)
 
 
 def topk_accuracy(image_embeds: np.ndarray, labels: np.ndarray, classifier: np.ndarray,
