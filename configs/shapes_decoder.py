@@ -7,9 +7,10 @@
 channels (32/16/8 px), attention at 16 and 8 px, conditioned on the shapes CLIP (width 64;
 32 for ``tiny``) computed on the fly, learned-range variance with the hybrid loss,
 classifier-free guidance dropout (image 10 %, text 50 %). Variants: ``default`` (the
-recipe) and ``tiny`` (tests). The shipped decoder is this config's 4800 steps plus two
-fine-tuning legs (``train.init_from``, lr 3e-4, fresh images; 2000 steps, then 3500 with
-``data.two_object_fraction=0.8``): README, "The captioned-shapes recipe".
+recipe) and ``tiny`` (tests). The shipped decoder is this config's 4800 steps plus three
+fine-tuning legs (``train.init_from``, lr 3e-4, fresh images; 2000 steps, then 3500 and
+2400 with ``data.two_object_fraction=0.8``, the last onto the fine-tuned CLIP): README,
+"How the shipped model was trained".
 """
 
 import os
@@ -47,11 +48,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # 50 steps and guidance 3 (exported as the pipeline's defaults): on 200 prompts, one image
     # each, 50 steps scored 84.3 / 65.1 / 90.0 / 81.1 % (colour / shape / size / position) with
-    # guidance 3 and 85.8 / 61.9 / 90.7 / 81.5 % with guidance 2 (README, "The embedded default").
+    # guidance 3 and 85.8 / 61.9 / 90.7 / 81.5 % with guidance 2 (docs/shapes_recipe_history.md).
     c.sample.steps = 5 if tiny else 50
     c.sample.guidance_scale = 3.0
     # Four images per prompt, CLIP keeps the closest (pipeline setting decoder_best_of_n): on
-    # 200 prompts shape went 65.1 → 72.2 %, all attributes right 49.0 → 55.5 % (README).
+    # 200 prompts shape went 65.1 → 72.2 %, all attributes right 49.0 → 55.5 % (docs/shapes_recipe_history.md).
     c.sample.best_of_n = 1 if tiny else 4
     c.sample.num = 4 if tiny else 8
 

@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # to a random level ≤ 250 and sampling with the input noised to level 100 teaches the model
     # to repair the decoder's 32 px artefacts instead of copying them. On true image embeddings
     # at 50 decoder steps, aug_level 0/50/100/150 scored shape 73.1/75.3/77.4/74.2 %
-    # (`python -m bench.shapes_decoder_probe`, README "The embedded default").
+    # (`python -m bench.shapes_decoder_probe`, docs/shapes_recipe_history.md).
     m.unet.aug_level_embedding = not tiny
     c.augment.noise_aug_max_level = 0 if tiny else 250
     c.sample.aug_level = 0 if tiny else 100
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # sampling steps, where an ε-model's x̂_0 = (x_t − √(1−ᾱ)·ε̂)/√ᾱ multiplies its error by
     # up to 2e4 (√ᾱ_999 ≈ 5e-5) and the clipped result is a saturated colour. Same 500 steps,
     # on the dataset's own 32 px renders: colour kept 100 % (v) vs 95.2 % (ε), measured with
-    # `python -m bench.shapes_upsampler_probe` (README, "The embedded default").
+    # `python -m bench.shapes_upsampler_probe` (docs/shapes_recipe_history.md).
     c.diffusion.prediction_type = "v_prediction"
     c.sample.steps = 3 if tiny else 7
     c.sample.num = 4
