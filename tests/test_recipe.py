@@ -231,3 +231,51 @@ def test_steps_override_parsing():
     assert parse_steps("") == {}
     with pytest.raises(ValueError, match="STAGE:N"):
         parse_steps("vae:10")
+
+
+def test_finetune_legs_continue_from_the_recipe(recipe_dir, tmp_path):
+    """``--finetune``: each leg trains one stage from the previous pipeline's weights (with
+    that pipeline's CLIP) and replaces only that stage; the base stages are not retrained."""
+    import shutil
+
+    import jax
+    from unclip_jax import recipe
+    from unclip_jax.pipeline import load_pipeline
+    base_workdir, base_report = recipe_dir
+    workdir = str(tmp_path / "recipe")
+    shutil.copytree(base_workdir, workdir)
+    report = recipe.run(workdir, tiny=True, num_prompts=4, finetune=True)
+
+    final = os.path.join(workdir, "pipeline_finetuned")
+    assert report["finetune"] is True and report["pipeline"] == final
+    assert report["training"]["decoder"] == base_report["training"]["decoder"]  # not retrained
+    names = [leg[0] for leg in recipe.FINETUNE_LEGS]
+    assert names == ["decoder_ft", "decoder_ft2", "clip_unnamed", "prior_ft", "decoder_ft3"]
+    for name in names:
+        assert report["training"][name]["steps"] == recipe.TINY_LEG_STEPS
+        assert recipe._finished(os.path.join(workdir, name), recipe.TINY_LEG_STEPS)
+    assert math.isclose(report["total_training_s"], sum(e["train_s"] for e in report["training"].values()))
+
+    previous = os.path.join(workdir, "pipeline")
+    for name, stage, _, overrides in recipe.FINETUNE_LEGS:
+        config = json.load(open(os.path.join(workdir, name, "config.json")))
+        assert config["train"]["init_from"] == os.path.join(previous, stage)
+        if stage != "clip":
+            assert config["clip"]["path"] == os.path.join(previous, "clip")
+        for override in overrides:  # the leg's data settings; schedule ones stay tiny
+            key, value = override.split("=")
+            section, field = key.split(".")
+            if key not in recipe._FULL_SIZE_ONLY:
+                assert config[section][field] == pytest.approx(float(value)), (name, key)
+        previous = os.path.join(workdir, "legs", name)
+
+    # The final pipeline: new CLIP, prior and decoder; the recipe's upsampler unchanged.
+    tuned, base = load_pipeline(final), load_pipeline(os.path.join(workdir, "pipeline"))
+    for name in ("clip_params", "prior_params", "decoder_params"):
+        changed = [not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+                   zip(jax.tree_util.tree_leaves(getattr(tuned, name)), jax.tree_util.tree_leaves(getattr(base, name)))]
+        assert any(changed), name
+    for x, y in zip(jax.tree_util.tree_leaves(tuned.upsamplers[0].params_first),
+                    jax.tree_util.tree_leaves(base.upsamplers[0].params_first)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert 0.0 <= report["oracle"]["color"] <= 1.0 and 0.0 <= report["clip"]["zero_shot_shape_heldout"] <= 1.0

@@ -26,6 +26,13 @@ and finished stages are skipped, an unfinished one continues from its last check
 
 ``--tiny`` uses each config's ``tiny`` variant (a few steps of tiny models: a smoke test);
 ``--steps=clip:N,prior:N,...`` overrides stages' ``train.steps``.
+
+``--finetune`` then runs :data:`FINETUNE_LEGS`, the fine-tuning legs that made the shipped
+model from the recipe's (README, "How the shipped model was trained"): each leg trains one
+stage from the current pipeline's weights (``train.init_from``) into ``DIR/<leg>`` and
+exports ``DIR/legs/<leg>`` (the current pipeline with that stage replaced); the last is
+also written with float16 parameters as ``DIR/pipeline_finetuned``, which step 7 then
+evaluates (CLIP and prior: their last legs). Legs resume like stages.
 """
 
 from __future__ import annotations
@@ -44,6 +51,29 @@ STAGES = ("clip", "prior", "decoder", "upsampler")
 # Issue 8's targets: oracle accuracies of pipeline samples, CLIP zero-shot on held-out images.
 TARGETS = {"color": 0.90, "shape": 0.75, "size": 0.75, "position": 0.75,
            "clip_zero_shot_color": 0.90, "clip_zero_shot_shape": 0.90}
+
+# The fine-tuning legs that made the shipped model from the recipe's, in the order they ran
+# (sessions 12-14): (name, stage, steps, config overrides). Each starts from the current
+# pipeline's weights with fresh optimizer moments, a new cosine and unseen images (another
+# dataset_seed); prior and decoder legs encode with the current pipeline's CLIP, so the last
+# two move those stages onto the fine-tuned CLIP. The noise-augmented upsampler of session
+# 11 is the recipe's own config now.
+FINETUNE_LEGS = (
+    ("decoder_ft", "decoder", 2000, ("optim.lr=3e-4", "optim.warmup=50", "data.dataset_seed=1",
+                                     "train.seed=1", "train.ckpt_every=250")),
+    # 80% two-object images (the dataset's mix: 40%): more of the gradient for attribute binding
+    ("decoder_ft2", "decoder", 3500, ("optim.lr=3e-4", "optim.warmup=50", "data.dataset_seed=2",
+                                      "train.seed=2", "train.ckpt_every=250", "data.two_object_fraction=0.8")),
+    # 60% of images in colours outside the vocabulary: CLIP has to read shape apart from colour
+    ("clip_unnamed", "clip", 2000, ("optim.lr=5e-4", "data.dataset_seed=1", "data.unnamed_colors=0.6",
+                                    "train.eval_every=500")),
+    ("prior_ft", "prior", 1000, ("optim.lr=5e-4", "optim.warmup=50", "data.dataset_seed=1", "train.seed=1")),
+    ("decoder_ft3", "decoder", 2400, ("optim.lr=3e-4", "optim.warmup=50", "data.dataset_seed=3",
+                                      "train.seed=3", "train.ckpt_every=200", "data.two_object_fraction=0.8")),
+)
+# schedule settings sized for thousands of steps; --tiny legs keep the tiny configs' own
+_FULL_SIZE_ONLY = ("optim.warmup", "train.ckpt_every", "train.eval_every")
+TINY_LEG_STEPS = 2
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -163,6 +193,55 @@ def export_clip_model(workdir: str, config) -> str:
     return out
 
 
+def leg_config(stage: str, overrides: Sequence[str], steps: int, pipeline_dir: str, tiny: bool):
+    """The stage config of one fine-tuning leg: the recipe's config with ``overrides``,
+    ``steps`` steps from ``pipeline_dir``'s weights of that stage, wired to that pipeline's
+    tokenizer (and CLIP, for the prior and decoder)."""
+    from unclip_jax.config import load_config
+    from unclip_jax.tokenizer import EOS_TOKEN
+    if tiny:
+        overrides = [o for o in overrides if o.partition("=")[0] not in _FULL_SIZE_ONLY]
+    config = load_config(os.path.join(_CONFIGS, f"shapes_{stage}.py:{'tiny' if tiny else 'default'}"),
+                         list(overrides))
+    with open(os.path.join(pipeline_dir, "pipeline.json")) as f:
+        components = json.load(f)["components"]
+    tok_dir = os.path.abspath(os.path.join(pipeline_dir, components["tokenizer"]))
+    if stage == "clip":
+        with open(os.path.join(tok_dir, "vocab.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        config.tokenizer = tok_dir
+        config.model.vocab_size, config.model.eos_token_id = len(vocab), int(vocab[EOS_TOKEN])
+    else:
+        config.clip.path = os.path.abspath(os.path.join(pipeline_dir, components["clip"]))
+        config.clip.tokenizer = tok_dir
+    config.train.steps = TINY_LEG_STEPS if tiny else steps
+    config.train.init_from = os.path.abspath(os.path.join(pipeline_dir, stage))
+    return config
+
+
+def run_finetune_legs(workdir: str, tiny: bool, timings: dict, timings_path: str) -> dict[str, Any]:
+    """Runs :data:`FINETUNE_LEGS` from ``DIR/pipeline`` (module doc); returns
+    ``{'pipeline': float16 pipeline dir, 'configs': {stage: its last leg's config},
+    'stage_dirs': {stage: its last leg's workdir}}``."""
+    from unclip_jax.export import export
+    current = os.path.join(workdir, "pipeline")
+    configs, stage_dirs = {}, {}
+    for name, stage, steps, overrides in FINETUNE_LEGS:
+        config = leg_config(stage, overrides, steps, current, tiny)
+        train_stage(name, config, workdir, timings, timings_path)
+        out = os.path.join(workdir, "legs", name)
+        if not os.path.exists(os.path.join(out, "pipeline.json")):
+            replaced = {s: None for s in ("clip", "prior", "decoder")}
+            replaced[stage] = os.path.join(workdir, name)
+            export(out, replaced["clip"], replaced["prior"], replaced["decoder"], [], None, base=current)
+        configs[stage], stage_dirs[stage], current = config, os.path.join(workdir, name), out
+    final = os.path.join(workdir, "pipeline_finetuned")
+    if not os.path.exists(os.path.join(final, "pipeline.json")):
+        export(final, None, None, None, [], None, base=current, storage_dtype="float16")
+    print(f"[recipe] exported the fine-tuned pipeline to {final}", file=sys.stderr, flush=True)
+    return {"pipeline": final, "configs": configs, "stage_dirs": stage_dirs}
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluation_prompts(num: int, seed: int = 1234) -> list[str]:
@@ -175,17 +254,19 @@ def evaluation_prompts(num: int, seed: int = 1234) -> list[str]:
     return prompts
 
 
-def evaluate_clip(workdir: str, config) -> dict[str, float]:
+def evaluate_clip(stage_dir: str, config) -> dict[str, float]:
+    """Zero-shot colour and shape accuracy of the CLIP trained in ``stage_dir``."""
     from unclip_jax.stages.clip import evaluate_shapes_zero_shot
     from unclip_jax.export import read_stage
-    _, params = read_stage(os.path.join(workdir, "clip"), "clip")
+    _, params = read_stage(stage_dir, "clip")
     return evaluate_shapes_zero_shot(params, config, splits=("heldout", "test"))
 
 
-def evaluate_prior(workdir: str, config) -> dict[str, float]:
+def evaluate_prior(stage_dir: str, config) -> dict[str, float]:
+    """The prior trained in ``stage_dir`` on held-out captions (train.py's evaluation)."""
     from unclip_jax.export import read_stage
     from unclip_jax.stages.prior import evaluate_stage
-    _, params = read_stage(os.path.join(workdir, "prior"), "prior")
+    _, params = read_stage(stage_dir, "prior")
     config = config.copy_and_resolve_references()
     config.eval.split = "heldout"
     return {k: float(v) for k, v in evaluate_stage(params, config).items()}
@@ -284,7 +365,7 @@ def _met(report: dict) -> dict[str, bool]:
 # ----------------------------------------------------------------------------- main
 
 def run(workdir: str, tiny: bool = False, num_prompts: int = 200, seed: int = 0,
-        steps: dict[str, int] | None = None) -> dict:
+        steps: dict[str, int] | None = None, finetune: bool = False) -> dict:
     """The whole recipe (module doc); returns the report (also written to DIR/report.json)."""
     from unclip_jax.export import export
     os.makedirs(workdir, exist_ok=True)
@@ -307,18 +388,29 @@ def run(workdir: str, tiny: bool = False, num_prompts: int = 200, seed: int = 0,
     export(pipeline_dir, os.path.join(workdir, "clip"), os.path.join(workdir, "prior"),
            os.path.join(workdir, "decoder"), [os.path.join(workdir, "upsampler")], tokenizer[0],
            storage_dtype="float16")
-    print(f"[recipe] exported the pipeline to {pipeline_dir}; evaluating", file=sys.stderr, flush=True)
+    print(f"[recipe] exported the pipeline to {pipeline_dir}", file=sys.stderr, flush=True)
+    stage_dirs = {name: os.path.join(workdir, name) for name in STAGES}
+    trained = list(STAGES)
+    if finetune:
+        legs = run_finetune_legs(workdir, tiny, timings, timings_path)
+        pipeline_dir = legs["pipeline"]
+        configs.update(legs["configs"])
+        stage_dirs.update(legs["stage_dirs"])
+        trained += [leg[0] for leg in FINETUNE_LEGS]
 
+    print(f"[recipe] evaluating {pipeline_dir}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    clip_scores = evaluate_clip(workdir, configs["clip"])
-    prior_scores = evaluate_prior(workdir, configs["prior"])
+    clip_scores = evaluate_clip(stage_dirs["clip"], configs["clip"])
+    prior_scores = evaluate_prior(stage_dirs["prior"], configs["prior"])
     scores = score_pipeline(pipeline_dir, num_prompts, seed=seed, num_true=8 if tiny else 64,
                             samples_png=os.path.join(workdir, "samples.png"))
     report = {
         "tiny": bool(tiny),
+        "finetune": bool(finetune),
+        "pipeline": pipeline_dir,
         "machine": scores.pop("machine"),
-        "training": {name: timings.get(name, {}) for name in STAGES},
-        "total_training_s": float(sum(t.get("train_s", 0.0) for t in timings.values())),
+        "training": {name: timings.get(name, {}) for name in trained},
+        "total_training_s": float(sum(timings.get(name, {}).get("train_s", 0.0) for name in trained)),
         "clip": clip_scores,
         "prior": prior_scores,
         **scores,
@@ -343,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_prompts", type=int, default=200, help="prompts sampled and scored")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--steps", default="", help="train.steps overrides, e.g. clip:800,decoder:2000")
+    parser.add_argument("--finetune", action="store_true",
+                        help="then run the fine-tuning legs that made the shipped model (FINETUNE_LEGS)")
     args = parser.parse_args(argv)
     if args.score:
         scores = score_pipeline(args.score, args.num_prompts, seed=args.seed, num_true=args.num_true)
@@ -358,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
         steps = parse_steps(args.steps)
     except ValueError as e:
         parser.error(str(e))
-    report = run(args.workdir, tiny=args.tiny, num_prompts=args.num_prompts, seed=args.seed, steps=steps)
+    report = run(args.workdir, tiny=args.tiny, num_prompts=args.num_prompts, seed=args.seed, steps=steps,
+                 finetune=args.finetune)
     o = report["oracle"]
     print(f"[recipe] training {report['total_training_s']:.0f} s; oracle colour {o['color']:.3f} shape "
           f"{o['shape']:.3f} size {o['size']:.3f} position {o['position']:.3f}; report: "
