@@ -7,9 +7,10 @@
 channels (32/16/8 px), attention at 16 and 8 px, conditioned on the shapes CLIP (width 64;
 32 for ``tiny``) computed on the fly, learned-range variance with the hybrid loss,
 classifier-free guidance dropout (image 10 %, text 50 %). Variants: ``default`` (the
-recipe) and ``tiny`` (tests). The shipped decoder is this config's 4800 steps plus three
+recipe) and ``tiny`` (tests). The shipped decoder is this config's 4800 steps plus four
 fine-tuning legs (``train.init_from``, lr 3e-4, fresh images; 2000 steps, then 3500 and
-2400 with ``data.two_object_fraction=0.8``, the last onto the fine-tuned CLIP): README,
+2400 with ``data.two_object_fraction=0.8``, the last onto the fine-tuned CLIP, then 1200
+with only two-object images): README,
 "How the shipped model was trained".
 """
 

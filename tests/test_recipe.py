@@ -250,7 +250,7 @@ def test_finetune_legs_continue_from_the_recipe(recipe_dir, tmp_path):
     assert report["finetune"] is True and report["pipeline"] == final
     assert report["training"]["decoder"] == base_report["training"]["decoder"]  # not retrained
     names = [leg[0] for leg in recipe.FINETUNE_LEGS]
-    assert names == ["decoder_ft", "decoder_ft2", "clip_unnamed", "prior_ft", "decoder_ft3"]
+    assert names == ["decoder_ft", "decoder_ft2", "clip_unnamed", "prior_ft", "decoder_ft3", "decoder_ft4"]
     for name in names:
         assert report["training"][name]["steps"] == recipe.TINY_LEG_STEPS
         assert recipe._finished(os.path.join(workdir, name), recipe.TINY_LEG_STEPS)

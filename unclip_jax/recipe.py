@@ -53,7 +53,7 @@ TARGETS = {"color": 0.90, "shape": 0.75, "size": 0.75, "position": 0.75,
            "clip_zero_shot_color": 0.90, "clip_zero_shot_shape": 0.90}
 
 # The fine-tuning legs that made the shipped model from the recipe's, in the order they ran
-# (sessions 12-14): (name, stage, steps, config overrides). Each starts from the current
+# (sessions 12-15): (name, stage, steps, config overrides). Each starts from the current
 # pipeline's weights with fresh optimizer moments, a new cosine and unseen images (another
 # dataset_seed); prior and decoder legs encode with the current pipeline's CLIP, so the last
 # two move those stages onto the fine-tuned CLIP. The noise-augmented upsampler of session
@@ -70,6 +70,9 @@ FINETUNE_LEGS = (
     ("prior_ft", "prior", 1000, ("optim.lr=5e-4", "optim.warmup=50", "data.dataset_seed=1", "train.seed=1")),
     ("decoder_ft3", "decoder", 2400, ("optim.lr=3e-4", "optim.warmup=50", "data.dataset_seed=3",
                                       "train.seed=3", "train.ckpt_every=200", "data.two_object_fraction=0.8")),
+    # only two-object images: colour errors are binding errors in two-object pictures
+    ("decoder_ft4", "decoder", 1200, ("optim.lr=3e-4", "optim.warmup=50", "data.dataset_seed=5",
+                                      "train.seed=5", "train.ckpt_every=200", "data.two_object_fraction=1.0")),
 )
 # schedule settings sized for thousands of steps; --tiny legs keep the tiny configs' own
 _FULL_SIZE_ONLY = ("optim.warmup", "train.ckpt_every", "train.eval_every")
