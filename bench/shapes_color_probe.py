@@ -4,8 +4,9 @@
 
 Samples the recipe's ``--num`` evaluation prompts (half of them held-out colour-shape
 pairs; ``--prompt_seed`` other than the recipe's 1234 draws a development set of other
-prompts, for choosing settings without tuning on the report's prompts) with each variant's sampling overrides (``key=value,...``; none: the pipeline's
-defaults), then prints per variant one JSON line: the oracle scores and
+prompts, for choosing settings without tuning on the report's prompts) with each
+variant's sampling overrides (``key=value,...``; none: the pipeline's defaults), then
+prints per variant one JSON line: the oracle scores and
 ``oracle.color_errors``: target objects, missed and wrongly coloured ones by object count,
 how many wrong objects of two-object prompts show the colour the prompt gave the *other*
 object (a binding error, which a CLIP that reads captions as bags of words cannot rank
@@ -41,7 +42,8 @@ def main(argv=None):
         images, seconds = sample_images(pipe, prompts, seed=args.seed, **overrides)
         detections = oracle.detect_batch(images)
         scores = oracle.score(images, prompts, detections=detections)
-        print(json.dumps({"variant": name or "defaults", "n": args.num, "prompt_seed": args.prompt_seed, "sampling_s": round(seconds, 1),
+        print(json.dumps({"variant": name or "defaults", "n": args.num, "prompt_seed": args.prompt_seed,
+                          "sampling_s": round(seconds, 1),
                           **{k: round(v, 4) for k, v in scores.items() if isinstance(v, float)},
                           "color_errors": oracle.color_errors(images, prompts, detections=detections)}),
               flush=True)

@@ -107,14 +107,20 @@ def shapes_vocabulary() -> list[str]:
     return words
 
 
+def read_tokenizer(tok_dir: str) -> tuple[str, int, int]:
+    """(dir, vocabulary size, <|endoftext|> id) of a word-level tokenizer directory."""
+    from unclip_jax.tokenizer import EOS_TOKEN
+    with open(os.path.join(tok_dir, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    return tok_dir, len(vocab), int(vocab[EOS_TOKEN])
+
+
 def write_tokenizer(out_dir: str) -> tuple[str, int, int]:
     """Writes the shapes tokenizer; returns (dir, vocabulary size, <|endoftext|> id)."""
-    from unclip_jax.tokenizer import EOS_TOKEN, write_word_level_vocab
+    from unclip_jax.tokenizer import write_word_level_vocab
     if not os.path.exists(os.path.join(out_dir, "vocab.json")):
         write_word_level_vocab(shapes_vocabulary(), out_dir)
-    with open(os.path.join(out_dir, "vocab.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
-    return out_dir, len(vocab), int(vocab[EOS_TOKEN])
+    return read_tokenizer(out_dir)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -136,17 +142,23 @@ def stage_configs(workdir: str, tiny: bool, tokenizer: tuple[str, int, int],
     from unclip_jax.config import load_config
     variant = "tiny" if tiny else "default"
     configs = {s: load_config(os.path.join(_CONFIGS, f"shapes_{s}.py:{variant}")) for s in STAGES}
-    tok_dir, vocab_size, eos = tokenizer
-    clip = configs["clip"]
-    clip.tokenizer = os.path.abspath(tok_dir)
-    clip.model.vocab_size = vocab_size
-    clip.model.eos_token_id = eos
+    for stage, config in configs.items():
+        _wire(config, stage, tokenizer, os.path.join(workdir, "clip_model"))
     for stage, n in (steps or {}).items():
         configs[stage].train.steps = n
-    for stage in ("prior", "decoder"):
-        configs[stage].clip.path = os.path.abspath(os.path.join(workdir, "clip_model"))
-        configs[stage].clip.tokenizer = os.path.abspath(tok_dir)
     return configs
+
+
+def _wire(config, stage: str, tokenizer: tuple[str, int, int], clip_path: str) -> None:
+    """Points a stage config at the tokenizer (CLIP: and sizes its vocabulary) and, for the
+    prior and decoder, at the CLIP they encode with."""
+    tok_dir, vocab_size, eos = tokenizer
+    if stage == "clip":
+        config.tokenizer = os.path.abspath(tok_dir)
+        config.model.vocab_size, config.model.eos_token_id = vocab_size, eos
+    elif stage in ("prior", "decoder"):
+        config.clip.path = os.path.abspath(clip_path)
+        config.clip.tokenizer = os.path.abspath(tok_dir)
 
 
 # ----------------------------------------------------------------------------- training
@@ -201,22 +213,14 @@ def leg_config(stage: str, overrides: Sequence[str], steps: int, pipeline_dir: s
     ``steps`` steps from ``pipeline_dir``'s weights of that stage, wired to that pipeline's
     tokenizer (and CLIP, for the prior and decoder)."""
     from unclip_jax.config import load_config
-    from unclip_jax.tokenizer import EOS_TOKEN
     if tiny:
         overrides = [o for o in overrides if o.partition("=")[0] not in _FULL_SIZE_ONLY]
     config = load_config(os.path.join(_CONFIGS, f"shapes_{stage}.py:{'tiny' if tiny else 'default'}"),
                          list(overrides))
     with open(os.path.join(pipeline_dir, "pipeline.json")) as f:
         components = json.load(f)["components"]
-    tok_dir = os.path.abspath(os.path.join(pipeline_dir, components["tokenizer"]))
-    if stage == "clip":
-        with open(os.path.join(tok_dir, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        config.tokenizer = tok_dir
-        config.model.vocab_size, config.model.eos_token_id = len(vocab), int(vocab[EOS_TOKEN])
-    else:
-        config.clip.path = os.path.abspath(os.path.join(pipeline_dir, components["clip"]))
-        config.clip.tokenizer = tok_dir
+    _wire(config, stage, read_tokenizer(os.path.join(pipeline_dir, components["tokenizer"])),
+          os.path.join(pipeline_dir, components["clip"]))
     config.train.steps = TINY_LEG_STEPS if tiny else steps
     config.train.init_from = os.path.abspath(os.path.join(pipeline_dir, stage))
     return config
@@ -234,9 +238,8 @@ def run_finetune_legs(workdir: str, tiny: bool, timings: dict, timings_path: str
         train_stage(name, config, workdir, timings, timings_path)
         out = os.path.join(workdir, "legs", name)
         if not os.path.exists(os.path.join(out, "pipeline.json")):
-            replaced = {s: None for s in ("clip", "prior", "decoder")}
-            replaced[stage] = os.path.join(workdir, name)
-            export(out, replaced["clip"], replaced["prior"], replaced["decoder"], [], None, base=current)
+            replaced = {**dict.fromkeys(("clip", "prior", "decoder")), stage: os.path.join(workdir, name)}
+            export(out, **replaced, upsamplers=[], tokenizer=None, base=current)
         configs[stage], stage_dirs[stage], current = config, os.path.join(workdir, name), out
     final = os.path.join(workdir, "pipeline_finetuned")
     if not os.path.exists(os.path.join(final, "pipeline.json")):
