@@ -192,6 +192,12 @@ class UnCLIPPipeline:
             x = multihost_utils.process_allgather(x, tiled=True)
         return np.asarray(x)[:n]
 
+    def _first_rows(self, x: jax.Array, n: int) -> jax.Array:
+        """The first ``n`` rows of a stage's batch-sharded output, readable by this process:
+        with several processes each one holds only its devices' rows, so every process
+        gathers the whole batch (the next stage, ``np.asarray`` and image saving need it)."""
+        return x[:n] if jax.process_count() == 1 else jnp.asarray(self._to_host(x, n))
+
     def _pad(self, x, n_to: int):
         x = np.asarray(x)
         if len(x) == n_to:
@@ -273,7 +279,7 @@ class UnCLIPPipeline:
             clip_range=s["prior_clip_range"], best_of_n=n,
             init_latents=self._shard(np.asarray(init if n > 1 else init[:, 0])),
             noise=self._shard(np.asarray(noise if n > 1 else noise[:, :, 0]), axis=1))
-        return out[:b] if jax.process_count() == 1 else jnp.asarray(self._to_host(out, b))
+        return self._first_rows(out, b)
 
     def decode(self, image_embed: jax.Array, text: TextEncoding, seed: int, *,
                first_index: int = 0, **overrides) -> jax.Array:
@@ -296,7 +302,7 @@ class UnCLIPPipeline:
             steps=int(s["decoder_steps"]), guidance_scale=float(s["decoder_guidance"]),
             null_text_embed=null.embed, null_text_hidden=null.hidden, null_text_mask=null.mask,
             init_latents=self._shard(np.asarray(init)), noise=self._shard(np.asarray(noise), axis=1))
-        return out[:b]
+        return self._first_rows(out, b)
 
     def pick_best_images(self, candidates: Sequence[jax.Array], text: TextEncoding) -> jax.Array:
         """Per prompt, the candidate whose CLIP image embedding has the highest cosine with
@@ -323,11 +329,11 @@ class UnCLIPPipeline:
             params_first = self._replicate(f"up{k}_first", up.params_first)
             params_last = (params_first if up.params_last is None
                            else self._replicate(f"up{k}_last", up.params_last))
-            images = upsampler_stage.sample_upsampler(
+            images = self._first_rows(upsampler_stage.sample_upsampler(
                 params_first, params_last, up.config, self._shard(self._pad(np.asarray(images), bp)),
                 jax.random.PRNGKey(seed),  # unused: x_T and the per-step noise are given
                 steps=int(s["upsampler_steps"]), out_size=size,
-                init_latents=self._shard(np.asarray(init)), noise=self._shard(np.asarray(noise), axis=1))[:b]
+                init_latents=self._shard(np.asarray(init)), noise=self._shard(np.asarray(noise), axis=1)), b)
         return images
 
     # ------------------------------------------------------------------ cascades
