@@ -303,3 +303,26 @@ def test_init_from_starts_from_a_pretrained_directory_and_checks_its_layout(tmp_
     config.train.init_from = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="not a pretrained directory"):
         loop.Trainer(config, ToyStage()).init_state()
+
+
+    class MeasuringStage(ToyStage):
+        def prepare_config(self, config, saved=None):  # the prior encodes data here
+            raise AssertionError("prepare_config ran before init_from was checked")
+
+    with pytest.raises(ValueError, match="not a pretrained directory"):  # a fresh run: checked first
+        loop.train(config, str(tmp_path / "fresh"), stage=MeasuringStage())
+
+
+@pytest.mark.parametrize("stop_at, preempted", [(2, True), (3, False)])
+def test_sigterm_skips_evaluation_and_at_the_last_step_just_finishes(tmp_path, monkeypatch, stop_at, preempted):
+    monkeypatch.setattr(loop._PreemptionWatch, "should_stop", lambda self, step: step == stop_at)
+    config = toy_config()
+    config.train.update(steps=3, ckpt_every=0, eval_every=1, log_every=1)
+    result = loop.train(config, str(tmp_path))
+    assert (result.step, result.preempted) == (stop_at, preempted)
+    evaluated = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl") if "eval/mse" in l]
+    # Preempted: no evaluation in the grace period; a SIGTERM at the last step finishes the run.
+    assert evaluated == ([1] if preempted else [1, 2, 3])
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+    assert checkpointer.latest_step() == stop_at
+    checkpointer.close()

@@ -219,15 +219,21 @@ class Trainer:
         return state.ema_params if state.ema_params is not None else state.params
 
 
+def check_init_from(path: str) -> None:
+    """Fails unless ``path`` (``train.init_from``) is a pretrained directory: checked before
+    any data is read or anything compiles; the shapes are checked when the weights load."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"train.init_from={path!r} is not a pretrained directory (no config.json); "
+                         "point it at a stage folder of an exported pipeline or a converted checkpoint")
+
+
 def load_init_params(path: str, expected):
     """The float32 parameters of a pretrained directory (``train.init_from``): a
     ``save_pretrained`` tree, or the ``params`` half of a ``save_prior`` one, checked
     against ``expected`` (the config's abstract params) by the converters' ``assemble``."""
     from flax import traverse_util
     from unclip_jax.convert.common import assemble, load_pretrained
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"train.init_from={path!r} is not a pretrained directory (no config.json); "
-                         "point it at a stage folder of an exported pipeline or a converted checkpoint")
+    check_init_from(path)
     tree, _ = load_pretrained(path)
     if isinstance(tree, dict) and "params" in tree and set(tree) <= {"params", "stats"}:
         tree = tree["params"]  # a prior: its normalisation stats come from the config
@@ -422,6 +428,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
     try:
         latest = checkpointer.latest_step()
         meta = checkpointer.read_meta(latest) if latest is not None else None
+        if latest is None and t.get("init_from", ""):
+            check_init_from(t.init_from)  # before prepare_config, which may encode data (the prior)
         stage.prepare_config(config, None if meta is None else meta.get("config"))
         trainer = Trainer(config, stage, mesh)
 
@@ -545,22 +553,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
             flush_pending()  # the previous step's metrics: ready by now, checked for NaN
             pending = (step, device_metrics)
             stop = watch.should_stop(step)
+            # A SIGTERM at the last step just finishes the run (with its evaluation).
+            preempting = stop and step < total
             if step % int(t.log_every) == 0 or step == total or stop:
                 log(step)
             if (t.ckpt_every and step % int(t.ckpt_every) == 0) or step == total or stop:
                 flush_pending()
                 checkpointer.save(state, meta_for(step), wait=stop)
-            if t.eval_every and step % int(t.eval_every) == 0 and stage.evaluate is not None:
+            # Evaluation and sample grids: not while the grace period runs out; their time is
+            # left out of the examples/s window.
+            if (not preempting and t.eval_every and step % int(t.eval_every) == 0
+                    and stage.evaluate is not None):
+                began = time.perf_counter()
                 values = stage.evaluate(trainer.eval_params(state), config)
                 writer.scalars(step, {f"eval/{k}": float(_host_value(v)) for k, v in values.items()})
-                window_start = time.perf_counter()
-            if t.sample_every and step % int(t.sample_every) == 0 and stage.sample_grid is not None:
+                window_start += time.perf_counter() - began
+            if (not preempting and t.sample_every and step % int(t.sample_every) == 0
+                    and stage.sample_grid is not None):
                 from unclip_jax.image_output import make_grid  # noqa: PLC0415
+                began = time.perf_counter()
                 images = _host_value(stage.sample_grid(trainer.eval_params(state), config,
                                                        sample_key))
                 writer.image(step, "samples", make_grid(images))
-                window_start = time.perf_counter()
-            if stop:
+                window_start += time.perf_counter() - began
+            if preempting:
                 preempted = True
                 say(f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume")
                 break
