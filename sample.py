@@ -98,6 +98,11 @@ def _default_checkpoint():
     return path
 
 
+def _looks_like_image(item: str) -> bool:
+    from PIL import Image
+    return os.path.exists(item) or os.path.splitext(item)[1].lower() in Image.registered_extensions()
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -106,12 +111,19 @@ def main(argv):
     cfg, chosen = _settings()
     if cfg["num_images"] < 1:
         raise app.UsageError(f"--num_images must be >= 1, got {cfg['num_images']}")
+    if int(cfg["batch_size"]) < 1:
+        raise app.UsageError(f"batch_size (images per device in one cascade call) must be >= 1, got {cfg['batch_size']}")
+    if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):
+        raise app.UsageError(f"--out {_OUT.value!r} exists and is not a directory")
     modes = [m for m in (bool(_VARIATIONS.value), bool(_INTERPOLATE.value)) if m]
     if len(modes) > 1:
         raise app.UsageError("use at most one of --variations_of and --interpolate")
     prompts = _read_prompts()
     if not modes and not prompts:
         raise app.UsageError("no prompt: pass --prompt=... (repeatable) or --prompts_file=F")
+    if modes and prompts:
+        raise app.UsageError("--prompt/--prompts_file do not go with --variations_of or --interpolate "
+                             "(interpolate between two prompts with --interpolate='A,B')")
     images_in = None
     if _VARIATIONS.value:
         images_in = [_read_image(_VARIATIONS.value)]
@@ -120,29 +132,51 @@ def main(argv):
         parts = [p.strip() for p in _INTERPOLATE.value.split(",")]
         if len(parts) != 2 or not all(parts):
             raise app.UsageError("--interpolate wants two items separated by a comma: 'A,B'")
-        is_file = [os.path.splitext(p)[1].lower() in (".png", ".jpg", ".jpeg", ".webp") for p in parts]
-        interp = ("images", [_read_image(p) for p in parts]) if all(is_file) else ("prompts", parts)
+        if _NUM_IMAGES.value is not None and _NUM_IMAGES.value < 2:
+            raise app.UsageError(f"--interpolate needs --num_images >= 2 frames, got {_NUM_IMAGES.value}")
+        is_file = [_looks_like_image(p) for p in parts]
         if any(is_file) and not all(is_file):
             raise app.UsageError("--interpolate: give two prompts or two image files, not one of each")
+        interp = ("images", [_read_image(p) for p in parts]) if all(is_file) else ("prompts", parts)
 
     from unclip_jax import compilation_cache, parallel, pipeline  # noqa: PLC0415 - after flag checks
     parallel.init_distributed()
     import jax  # noqa: PLC0415
     if _CACHE.value != "":
-        compilation_cache.enable(_CACHE.value)
+        try:
+            compilation_cache.enable(_CACHE.value)
+        except OSError as e:  # e.g. a read-only home: sampling works without the cache
+            print(f"notice: no persistent compilation cache ({e}); every run compiles anew",
+                  file=sys.stderr)
     checkpoint = _CHECKPOINT.value or _default_checkpoint()
     try:
         pipe = pipeline.load_pipeline(checkpoint)
         settings = pipe.settings(**{k: cfg[k] for k in pipeline.DEFAULT_SETTINGS if k in chosen})
     except pipeline.PipelineError as e:
         raise app.UsageError(str(e)) from e
+    if pipe.decoder_params is None:
+        raise app.UsageError(f"{checkpoint} has no decoder: it cannot make images")
+    if (images_in is not None or (interp and interp[0] == "images")) and pipe.clip_config.vision is None:
+        raise app.UsageError(f"{checkpoint}'s CLIP has no image tower, which image variations and "
+                             "interpolations need")
+    try:
+        images, records = _sample(pipe, checkpoint, prompts, images_in, interp, cfg, settings,
+                                  max_batch=int(cfg["batch_size"]) * jax.device_count())
+    except pipeline.PipelineError as e:  # an input or setting the pipeline refuses
+        raise app.UsageError(str(e)) from e
+    if jax.process_index() == 0:
+        from unclip_jax.image_output import save_images  # noqa: PLC0415
+        save_images(_OUT.value, images, records, {**settings, "checkpoint": os.path.abspath(checkpoint)})
+        print(f"wrote {len(images)} images, grid.png and manifest.json to {_OUT.value}", file=sys.stderr)
+
+
+def _sample(pipe, checkpoint, prompts, images_in, interp, cfg, settings, max_batch):
+    """(uint8 images (N, H, W, 3), one manifest record per image) for the chosen mode."""
     seed, n = int(cfg["seed"]), int(cfg["num_images"])
     records = []
     if interp is None and images_in is None:
-        if pipe.decoder_params is None:
-            raise app.UsageError(f"{checkpoint} has no decoder")
         expanded = [p for p in prompts for _ in range(n)]
-        result = pipe.text_to_image(expanded, seed, progress=True, **settings)
+        result = pipe.text_to_image(expanded, seed, progress=True, max_batch=max_batch, **settings)
         images = result["images"]
         records = [{"prompt": p, "seed": seed, "index": i} for i, p in enumerate(expanded)]
         _report(result["timings"])
@@ -154,7 +188,7 @@ def main(argv):
         records = [{"variation_of": _VARIATIONS.value, "seed": seed, "index": i} for i in range(n)]
     else:
         kind, (a, b) = interp
-        if n < 2:
+        if n < 2:  # the default of one image per prompt (an explicit --num_images < 2 was refused)
             n = 8
         if kind == "prompts":
             z = pipe.prior(pipe.encode_text([a, b]), seed, **settings)
@@ -165,10 +199,7 @@ def main(argv):
         import numpy as np  # noqa: PLC0415
         records = [{"interpolate": _INTERPOLATE.value, "theta": float(t), "seed": seed}
                    for t in np.linspace(0, 1, n)]
-    if jax.process_index() == 0:
-        from unclip_jax.image_output import save_images  # noqa: PLC0415
-        save_images(_OUT.value, images, records, {**settings, "checkpoint": os.path.abspath(checkpoint)})
-        print(f"wrote {len(images)} images, grid.png and manifest.json to {_OUT.value}", file=sys.stderr)
+    return images, records
 
 
 def _report(timings):

@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.decoder_best_of_n = 1      # >1: decode that many per prompt, keep CLIP's favourite
     c.seed = 0
     c.num_images = 1             # per prompt
-    c.batch_size = 16            # prompts per device batch group
+    c.batch_size = 16            # images per device in one cascade call (sample.py: the rest follow)
     variant = arg or "default"
     if variant == "karlo":
         c.decoder_steps = 50

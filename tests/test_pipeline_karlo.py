@@ -86,6 +86,11 @@ def test_converted_karlo_reproduces_diffusers_images(karlo):
     result = pipe.text_to_image(PROMPTS, SEED, best_of_n=1, **STEPS)
     assert result["images"].dtype == np.uint8 and result["images"].shape == (b, 64, 64, 3)
     assert np.abs(result["images"].astype(np.float32) / 255 - ours).max() <= 1 / 255 + 1e-3
+    # One prompt at a time: each prompt keeps its noise (its index in the list), so the same pictures.
+    chunked = pipe.text_to_image(PROMPTS, SEED, best_of_n=1, max_batch=1, **STEPS)
+    assert chunked["images"].shape == result["images"].shape
+    assert np.abs(chunked["images"].astype(int) - result["images"].astype(int)).max() <= 1
+    np.testing.assert_allclose(chunked["image_embeds"], result["image_embeds"], atol=1e-4)
 
 
 def test_pipeline_rejects_bad_input_before_compiling(karlo):
@@ -98,6 +103,8 @@ def test_pipeline_rejects_bad_input_before_compiling(karlo):
         pipe.text_to_image(["a horse"], prior_steps=0)
     with pytest.raises(pl.PipelineError, match="unknown sampling setting"):
         pipe.text_to_image(["a horse"], decoder_stpes=3)
+    with pytest.raises(pl.PipelineError, match="max_batch"):
+        pipe.text_to_image(["a horse"], max_batch=0)
     with pytest.raises(pl.PipelineError, match="no image tower"):
         pipe.variations([np.zeros((8, 8, 3), np.uint8)])
     with pytest.raises(pl.PipelineError, match="not a pipeline directory"):

@@ -22,9 +22,11 @@ def _run(args, env=None, timeout=600):
 
 def test_sample_writes_images_grid_and_manifest(tiny_karlo, tmp_path):
     out = tmp_path / "out"
+    # An unwritable cache directory (nothing can be made under /proc): sampling goes on without.
     proc = _run([f"--checkpoint={tiny_karlo[2]}", "--prompt=a red horse", "--prompt=a blue square",
-                 "--num_images=2", "--seed=3", f"--out={out}"] + FAST)
+                 "--num_images=2", "--seed=3", f"--out={out}", "--compilation_cache=/proc/unclip_jax_cache"] + FAST)
     assert proc.returncode == 0, proc.stderr
+    assert "no persistent compilation cache" in proc.stderr
     manifest = json.load(open(out / "manifest.json"))
     assert [e["prompt"] for e in manifest["images"]] == ["a red horse"] * 2 + ["a blue square"] * 2
     assert manifest["settings"]["decoder_steps"] == 2 and manifest["images"][0]["seed"] == 3
@@ -44,6 +46,13 @@ def test_sample_writes_images_grid_and_manifest(tiny_karlo, tmp_path):
     (["--prompt=x", "--decoder_steps=5000"], "decoder_steps"),
     (["--variations_of=/no/such/image.png"], "does not exist"),
     (["--prompt=x", "--config.decoder_stpes=3"], "unknown config key 'decoder_stpes'"),
+    (["--prompt=x", "--config.batch_size=0"], "batch_size"),
+    (["--prompt=x", "--out=sample.py"], "is not a directory"),
+    (["--prompt=x", "--interpolate=a red horse,a blue square"], "do not go with"),
+    (["--interpolate=a red horse,a blue square", "--num_images=1"], "num_images >= 2"),
+    (["--interpolate=a red horse,missing.bmp"], "not one of each"),
+    (["--variations_of=bench/results/shapes_samples.png"], "no image tower"),
+    (["--prompt=x", "--decoder_best_of_n=2"], "image tower"),
 ])
 def test_sample_rejects_bad_input(tiny_karlo, args, message):
     proc = _run([f"--checkpoint={tiny_karlo[2]}"] + args)

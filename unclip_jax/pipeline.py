@@ -259,15 +259,16 @@ class UnCLIPPipeline:
             self._null = self.encode_text([""])
         return self._null
 
-    def prior(self, text: TextEncoding, seed: int, **overrides) -> jax.Array:
-        """Samples CLIP image embeddings z_i (B, D) for the encoded prompts."""
+    def prior(self, text: TextEncoding, seed: int, *, first_index: int = 0, **overrides) -> jax.Array:
+        """Samples CLIP image embeddings z_i (B, D) for the encoded prompts; prompt i draws
+        the noise of example ``first_index + i``."""
         if self.prior_params is None:
             raise PipelineError("this pipeline has no prior")
         s = self.settings(**overrides)
         b, d, n = text.embed.shape[0], text.embed.shape[-1], int(s["best_of_n"])
         bp = self._padded(b)
         init, noise = example_noise(jax.random.fold_in(jax.random.PRNGKey(seed), _STAGE_PRIOR),
-                                    jnp.arange(bp), (n, d), int(s["prior_steps"]))
+                                    first_index + jnp.arange(bp), (n, d), int(s["prior_steps"]))
         null = self._null_text()
         out = prior_stage.sample_prior(
             self._replicate("prior", self.prior_params),
@@ -339,53 +340,77 @@ class UnCLIPPipeline:
     # ------------------------------------------------------------------ cascades
 
     def text_to_image(self, prompts: Sequence[str], seed: int = 0, *, progress: bool = False,
-                      **overrides) -> dict[str, Any]:
+                      max_batch: int | None = None, **overrides) -> dict[str, Any]:
         """Prompts → uint8 images through every stage present.
 
+        ``max_batch``: at most this many prompts go through the cascade at once (the rest
+        follow in further calls, each a batch of its own; None: all at once). Each prompt's
+        noise depends on its index in ``prompts`` only, so the images do not depend on it.
+
         Returns a dict: ``images`` uint8 (B, H, W, 3), ``image_embeds`` (B, D),
-        ``timings`` {stage: {'wall_s', 'compile_s'}}, ``settings``, ``stopped_at`` (the last
-        stage run: 'decoder' or 'upsampler_k').
+        ``timings`` {stage: {'wall_s', 'compile_s'}} summed over the batches, ``settings``,
+        ``stopped_at`` (the last stage run: 'decoder' or 'upsampler_k').
         """
         settings = self.settings(**overrides)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self.tokenize(prompts)  # input errors before any compilation
+        if max_batch is not None and int(max_batch) < 1:
+            raise PipelineError(f"max_batch must be >= 1, got {max_batch}")
         if self.decoder_params is None:
             raise PipelineError("this pipeline has no decoder: it cannot make images")
         # Only text_to_image ranks candidates: other calls ignore decoder_best_of_n.
         if int(settings["decoder_best_of_n"]) > 1 and self.clip_config.vision is None:
             raise PipelineError("decoder_best_of_n > 1 ranks images with CLIP's image tower, which "
                                 "this pipeline's CLIP lacks; use decoder_best_of_n=1")
-        timings: dict[str, dict] = {}
         stages = ["clip", "prior", "decoder"] + [f"upsampler_{k}" for k in range(len(self.upsamplers))]
-        bar = _progress(stages, progress)
+        size = len(prompts) if max_batch is None else int(max_batch)
+        starts = range(0, len(prompts), size)
+        bar = _progress(len(stages) * len(starts), progress)
+        timings: dict[str, dict] = {}
+        images, embeds = [], []
+        for first in starts:
+            batch_images, z_i = self._text_to_image_batch(prompts[first:first + size], seed, first, settings,
+                                                          timings, bar)
+            images.append(to_uint8(np.asarray(batch_images)))
+            embeds.append(np.asarray(z_i))
+        bar.close()
+        return {"images": np.concatenate(images), "image_embeds": np.concatenate(embeds),
+                "timings": timings, "settings": settings, "stopped_at": stages[-1]}
+
+    def _text_to_image_batch(self, prompts: list[str], seed: int, first_index: int, settings: dict,
+                             timings: dict, bar) -> tuple[jax.Array, jax.Array]:
+        """One batch of :meth:`text_to_image`: (images (B, S, S, 3) in [−1, 1], z_i (B, D));
+        adds each stage's times to ``timings`` and ticks ``bar`` once per stage."""
+        def timed(stage: str, clock: dict) -> None:
+            total = timings.setdefault(stage, {"wall_s": 0.0, "compile_s": 0.0})
+            for key in total:
+                total[key] += clock[key]
+
         with _CompileClock.measure() as t:
             text = self.encode_text(prompts)
             jax.block_until_ready(text)
-        timings["clip"] = t
+        timed("clip", t)
         bar.update()
         with _CompileClock.measure() as t:
-            z_i = jax.block_until_ready(self.prior(text, seed, **settings))
-        timings["prior"] = t
+            z_i = jax.block_until_ready(self.prior(text, seed, first_index=first_index, **settings))
+        timed("prior", t)
         bar.update()
         # decoder_best_of_n candidates per prompt, each with its own noise (candidate 0 is the
         # plain sample); CLIP ranks the final images.
-        offsets = [c * _CANDIDATE_STRIDE for c in range(int(settings["decoder_best_of_n"]))]
+        offsets = [first_index + c * _CANDIDATE_STRIDE for c in range(int(settings["decoder_best_of_n"]))]
         with _CompileClock.measure() as t:
             candidates = [jax.block_until_ready(self.decode(z_i, text, seed, first_index=o, **settings))
                           for o in offsets]
-        timings["decoder"] = t
+        timed("decoder", t)
         bar.update()
         if self.upsamplers:
             with _CompileClock.measure() as t:
                 candidates = [jax.block_until_ready(self.upsample(c, seed, first_index=o, **settings))
                               for c, o in zip(candidates, offsets)]
-            timings["upsamplers"] = t
+            timed("upsamplers", t)
             bar.update(len(self.upsamplers))
         images = candidates[0] if len(candidates) == 1 else self.pick_best_images(candidates, text)
-        bar.close()
-        return {"images": to_uint8(np.asarray(images)), "image_embeds": np.asarray(z_i),
-                "timings": timings, "settings": settings,
-                "stopped_at": stages[-1]}
+        return images, z_i
 
     def images_from_embeddings(self, image_embed: jax.Array, seed: int = 0, prompts: Sequence[str] | None = None,
                                **overrides) -> np.ndarray:
@@ -529,9 +554,9 @@ def _ddim_timesteps(steps: int, num_timesteps: int, strength: float) -> np.ndarr
     return ts[ts <= strength * (num_timesteps - 1)]
 
 
-def _progress(stages: Sequence[str], enabled: bool):
+def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=len(stages), desc="cascade", unit="stage", disable=not enabled or jax.process_index() != 0)
+    return tqdm(total=total, desc="cascade", unit="stage", disable=not enabled or jax.process_index() != 0)
 
 
 # ----------------------------------------------------------------------------- storage
