@@ -142,6 +142,22 @@ def test_score_only_mode_writes_the_sample_scores(recipe_dir, tmp_path):
         recipe_main(["--num_prompts=4"])  # neither --workdir nor --score
 
 
+@pytest.mark.parametrize("score, out, message", [
+    ("{workdir}/pipeline", "{tmp}/missing/scores.json", "not a file in an existing directory"),
+    ("{workdir}/pipeline", "{tmp}", "not a file in an existing directory"),
+    ("{workdir}", "", "not an exported pipeline"),
+])
+def test_score_only_mode_refuses_bad_paths_before_sampling(recipe_dir, tmp_path, capsys, score, out, message):
+    from unclip_jax.recipe import main as recipe_main
+    args = [f"--score={score.format(workdir=recipe_dir[0])}"]
+    if out:
+        args.append(f"--out={out.format(tmp=tmp_path)}")
+    with pytest.raises(SystemExit):
+        recipe_main(args)
+    captured = capsys.readouterr()
+    assert message in captured.err and "oracle" not in captured.out
+
+
 def test_export_base_replaces_only_the_given_stage(recipe_dir, tmp_path):
     """``--base``: a pipeline with one stage swapped for a training run's; the rest, the
     tokenizer and the other stages' sampling defaults stay the base's."""

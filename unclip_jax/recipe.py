@@ -445,12 +445,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="then run the fine-tuning legs that made the shipped model (FINETUNE_LEGS)")
     args = parser.parse_args(argv)
     if args.score:
+        out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else ""
+        if args.out and (os.path.isdir(args.out) or not os.path.isdir(out_dir)):
+            parser.error(f"--out {args.out!r}: not a file in an existing directory")  # before minutes of sampling
+        if not os.path.isfile(os.path.join(args.score, "pipeline.json")):
+            parser.error(f"--score {args.score!r} is not an exported pipeline (no pipeline.json)")
         scores = score_pipeline(args.score, args.num_prompts, seed=args.seed, num_true=args.num_true)
         text = json.dumps(scores, indent=2, default=float)
+        print(text, flush=True)
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text + "\n")
-        print(text)
         return
     if not args.workdir:
         parser.error("--workdir is required (or --score=PIPELINE)")
