@@ -326,3 +326,12 @@ def test_sigterm_skips_evaluation_and_at_the_last_step_just_finishes(tmp_path, m
     checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
     assert checkpointer.latest_step() == stop_at
     checkpointer.close()
+
+
+def test_progress_bar_keeps_examples_per_second_between_logging_steps():
+    progress = metrics_lib.Progress(total=3, initial=0, enabled=True)
+    progress.update(1, loss=0.5, ex_per_s=12.0, mfu=0.25)  # a logging step
+    progress.update(1, loss=0.4)  # the next step's loss
+    shown = progress._bar.postfix
+    progress.close()
+    assert "loss=0.4" in shown and "ex_per_s=12" in shown and "mfu=0.25" in shown, shown

@@ -536,7 +536,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
                 out["mfu"] = mfu
             out.update(_data_stats(source))
             writer.scalars(step, out)
-            progress.update(0, loss=out.get("loss", last_loss), ex_per_s=rate)
+            progress.update(0, loss=out.get("loss", last_loss), ex_per_s=rate,
+                            **({"mfu": mfu} if mfu is not None else {}))
             window, window_steps, window_start = {}, 0, time.perf_counter()
 
         step = start

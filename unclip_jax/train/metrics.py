@@ -155,10 +155,13 @@ class MetricsWriter:
 
 
 class Progress:
-    """A tqdm bar on process 0 (step, loss, examples/s; tqdm shows the ETA)."""
+    """A tqdm bar on process 0 (step, loss, examples/s, MFU where known; tqdm shows the
+    ETA). Each value shown stays until it is updated: the per-step loss does not hide the
+    examples/s of the last logging step."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self._bar = None
+        self._postfix: dict = {}
         if enabled:
             from tqdm import tqdm  # noqa: PLC0415
             self._bar = tqdm(total=total, initial=initial, desc="train", unit="step",
@@ -166,8 +169,8 @@ class Progress:
 
     def update(self, n: int, **postfix) -> None:
         if self._bar is not None:
-            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
-                                   for k, v in postfix.items()}, refresh=False)
+            self._postfix.update({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})
+            self._bar.set_postfix(self._postfix, refresh=False)
             self._bar.update(n)
 
     def write(self, message: str) -> None:
