@@ -77,6 +77,18 @@ def test_sample_rejects_unreadable_image_and_bad_checkpoint(tiny_karlo, tmp_path
     json.dump(cfg, open(cfg_path, "w"))
     proc = _run([f"--checkpoint={broken}", "--prompt=x"])
     assert proc.returncode != 0 and "do not fit" in proc.stderr, proc.stderr[-2000:]
+    # A truncated weights file and a manifest that is not JSON: messages, not tracebacks.
+    # (The shipped shapes pipeline: its weights are safetensors files.)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(os.path.join(ROOT, "unclip_jax", "assets", "shapes_pipeline"), truncated)
+    weights = truncated / "decoder" / "params.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    proc = _run([f"--checkpoint={truncated}", "--prompt=x"])
+    assert proc.returncode != 0 and "cannot load pipeline" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (truncated / "pipeline.json").write_text("{ not json")
+    proc = _run([f"--checkpoint={truncated}", "--prompt=x"])
+    assert proc.returncode != 0 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr
 
 
 _DEVICES_SCRIPT = """

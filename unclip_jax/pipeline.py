@@ -607,12 +607,16 @@ def load_pipeline(path: str) -> UnCLIPPipeline:
         raise PipelineError(f"{path!r} is not a pipeline directory (no pipeline.json). Convert Karlo with "
                             "`python -m unclip_jax.convert karlo --src=DIR --out=DIR`, or export trained "
                             "stages with `python -m unclip_jax.export`")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise PipelineError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    comp = manifest["components"]
     try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, or not JSON (e.g. a truncated copy)
+        raise PipelineError(f"cannot read {manifest_path}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise PipelineError(f"{manifest_path} has format {found!r}, expected {FORMAT!r}")
+    try:
+        comp = manifest["components"]
         tokenizer = load_tokenizer(os.path.join(path, comp["tokenizer"]))
         clip_params, clip_cfg = load_pretrained(os.path.join(path, comp["clip"]))
         pipe = UnCLIPPipeline(tokenizer, CLIPConfig.from_dict(clip_cfg), clip_params,
@@ -626,8 +630,8 @@ def load_pipeline(path: str) -> UnCLIPPipeline:
             first, cfg = load_pretrained(os.path.join(path, entry["first"]))
             last = load_pretrained(os.path.join(path, entry["last"]))[0] if "last" in entry else None
             pipe.upsamplers.append(Upsampler(cfg, first, last))
-    except (ConversionError, KeyError, FileNotFoundError) as e:
-        raise PipelineError(f"cannot load pipeline {path!r}: {e}") from e
+    except (ConversionError, KeyError, TypeError, OSError, ValueError) as e:  # missing, corrupt or mismatched files
+        raise PipelineError(f"cannot load pipeline {path!r}: {e!r}") from e
     _check_fits(pipe)
     return pipe
 

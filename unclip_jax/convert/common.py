@@ -228,8 +228,12 @@ def load_pretrained(path: str, target: Any = None) -> tuple[Any, dict]:
     config = read_json(os.path.join(path, "config.json"))
     flat_file = os.path.join(path, PARAMS_SAFETENSORS)
     if os.path.isfile(flat_file):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
-        flat = load_file(flat_file)
+        try:
+            flat = load_file(flat_file)
+        except SafetensorError as e:  # truncated or not safetensors: name the file
+            raise ConversionError(f"cannot read {flat_file}: {e}") from e
         params = traverse_util.unflatten_dict({k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
                                  for k, v in flat.items()}, sep="/")
         return params, config
