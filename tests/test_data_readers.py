@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from unclip_jax.config import ConfigError
-from unclip_jax.data import DataError, batches, default_data_config, make_source
+from unclip_jax.data import DataError, batches, default_data_config, first_examples, make_source
 from unclip_jax.data import embeddings, folders, images, shapes, tar_shards
 
 
@@ -295,6 +295,12 @@ def test_make_source_for_every_kind(shard_dir, image_folder, tmp_path):
     assert tar_source.local_shards == tar_source.shards[1::2]
     with pytest.raises(ConfigError, match="data.eval_path is empty"):
         make_source(tar, split="eval")
+    # The first examples of a stream (no len, no [i]: sample grids read them so) and of an
+    # indexed source, never more than it has.
+    firsts = first_examples(tar_source, 3)
+    assert len(firsts) == 3 and all(e["image"].shape == (8, 8, 3) for e in firsts)
+    assert len(first_examples(src, 1000)) == 100
+    assert first_examples(src, 2)[1]["caption"] == src[1]["caption"]
     folder = default_data_config("folder")
     folder.path = image_folder
     assert len(make_source(folder, split="train")) == 4

@@ -335,3 +335,23 @@ def test_progress_bar_keeps_examples_per_second_between_logging_steps():
     shown = progress._bar.postfix
     progress.close()
     assert "loss=0.4" in shown and "ex_per_s=12" in shown and "mfu=0.25" in shown, shown
+
+
+def test_periodic_evaluation_data_is_opened_before_training(tmp_path):
+    import ml_collections
+    from unclip_jax.config import ConfigError
+
+    class NoEvalDataStage(ToyStage):  # like a tar decoder run whose data.eval_path is empty
+        def make_source(self, config, split, process_index, process_count):
+            if split != "train":
+                raise ConfigError("data.eval_path is empty")
+            return super().make_source(config, split, process_index, process_count)
+
+    config = toy_config()
+    config.train.update(steps=2, sample_every=1, ckpt_every=0)
+    config.sample = ml_collections.ConfigDict({"split": "test"})
+    with pytest.raises(ConfigError, match=r"train.sample_every=1 reads data split 'test'.*eval_path is empty"):
+        loop.train(config, str(tmp_path), stage=NoEvalDataStage())
+    assert not os.path.exists(tmp_path / "metrics.jsonl")  # before any step
+    config.train.sample_every = 0  # no sample grids: the split is never read
+    assert loop.train(config, str(tmp_path), stage=NoEvalDataStage()).step == 2

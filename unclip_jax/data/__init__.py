@@ -25,7 +25,8 @@ class DataError(RuntimeError):
     """Data that cannot be used: no readable sample, a broken layout, a bad split."""
 
 
-_LAZY = {"make_source": "sources", "default_data_config": "sources", "batches": "sources"}
+_LAZY = {"make_source": "sources", "default_data_config": "sources", "batches": "sources",
+         "first_examples": "sources"}
 
 
 def __getattr__(name: str):
@@ -35,4 +36,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DataError", "make_source", "default_data_config", "batches"]
+__all__ = ["DataError", "make_source", "default_data_config", "batches", "first_examples"]

@@ -46,6 +46,7 @@ Splits: shapes has 'train', 'test' (alias 'eval', 'val', 'validation') and 'held
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterator, Sequence
 
 import ml_collections
@@ -156,6 +157,15 @@ def make_source(data_config, *, split: str = "train", process_index: int = 0,
     if kind == "tar" and not source.shuffle:
         source.shuffle_buffer = 1
     return source
+
+
+def first_examples(source, num: int) -> list[dict[str, Any]]:
+    """The first ``num`` examples of a source (fewer if it has fewer): indexed for
+    random-access sources, read from the stream for a ``TarShardSource`` (which has no
+    ``len`` or ``[i]``). For sample grids and measurements, not for training batches."""
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        return [source[i] for i in range(min(int(num), len(source)))]
+    return list(itertools.islice(iter(source), int(num)))
 
 
 # --------------------------------------------------------------------------- batching

@@ -458,8 +458,8 @@ def sample_grid(params, config, key) -> np.ndarray:
     """``config.sample.num`` decoder samples (uint8 (N, S, S, 3)) for the captions of the first
     examples of ``config.sample.split``, with ``config.sample`` steps and guidance."""
     s = config.sample
-    source = make_source(config, s.split)
-    batch = preprocess([source[i] for i in range(min(int(s.num), len(source)))], config)
+    from unclip_jax.data import first_examples
+    batch = preprocess(first_examples(make_source(config, s.split), int(s.num)), config)
     null = [batch.get(k) for k in ("null_text_embed", "null_text_hidden", "null_text_mask")]
     images = sample_decoder(params, config, batch["image_embed"], batch["text_embed"], batch["text_hidden"],
                             batch["text_mask"], key, steps=int(s.steps), guidance_scale=float(s.guidance_scale),

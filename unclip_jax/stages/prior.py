@@ -680,11 +680,8 @@ def mean_image_embed_norm(config, num: int = 512, chunk: int = 256) -> float:
     """Mean ‖z_i‖ over the CLIP image embeddings of the first ``num`` training examples
     of ``config.data`` (encoded as the trainer encodes them): the norm an 'l2' prior's
     samples get (``prior.l2_norm``), the scale the decoder sees in training."""
-    source = make_prior_source(config, "train")
-    if hasattr(source, "__getitem__"):
-        examples = [source[i] for i in range(min(num, len(source)))]
-    else:  # a streamed source
-        examples = list(itertools.islice(iter(source), num))
+    from unclip_jax.data import first_examples
+    examples = first_examples(make_prior_source(config, "train"), num)
     if not examples:
         raise ValueError("mean_image_embed_norm: the training data has no examples")
     norms = [np.linalg.norm(preprocess_prior_batch(examples[i:i + chunk], config)["image_embed"], axis=-1)

@@ -298,8 +298,8 @@ def sample_grid(params, config, key) -> np.ndarray:
     """For the first ``sample.num`` examples of ``sample.split``: [bicubic upsampling of the
     corrupted low-res input | the upsampler's sample] side by side, uint8 (N, S, 2S, 3)."""
     s = config.sample
-    source = make_source(config, s.split)
-    batch = preprocess([source[i] for i in range(min(int(s.num), len(source)))], config)
+    from unclip_jax.data import first_examples
+    batch = preprocess(first_examples(make_source(config, s.split), int(s.num)), config)
     out = sample_upsampler(params, params, config, batch["low_res"], key, steps=int(s.steps))
     up = augment.resize(jnp.asarray(batch["low_res"]), out.shape[1:3])
     grid = jnp.concatenate([up, out], axis=2)

@@ -32,6 +32,8 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import parallel
+from unclip_jax.config import ConfigError
+from unclip_jax.data import DataError
 from unclip_jax.train import checkpoint as ckpt_lib
 from unclip_jax.train import metrics as metrics_lib
 from unclip_jax.train import optim, state as state_lib
@@ -143,6 +145,23 @@ def make_train_step(stage: Stage, config, tx: optax.GradientTransformation,
         return new_state, metrics
 
     return train_step
+
+
+def check_periodic_sources(config, stage: Stage) -> None:
+    """Opens the data splits that the periodic evaluation (``eval.split``) and sample
+    grids (``sample.split``) will read, so that a missing ``data.eval_path`` or unusable
+    eval data fails now (ConfigError / DataError), not at the first ``eval_every`` step."""
+    t = config.train
+    for every, hook, section in ((t.eval_every, stage.evaluate, "eval"),
+                                 (t.sample_every, stage.sample_grid, "sample")):
+        split = config[section].get("split") if section in config else None
+        if int(every) and hook is not None and split:
+            try:
+                stage.make_source(config, split, 0, 1)
+            except (ConfigError, DataError) as e:
+                raise type(e)(f"train.{section}_every={int(every)} reads data split {split!r} "
+                              f"({section}.split), which cannot be opened: {e} (or set "
+                              f"train.{section}_every=0)") from e
 
 
 class Trainer:
@@ -432,6 +451,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
             check_init_from(t.init_from)  # before prepare_config, which may encode data (the prior)
         stage.prepare_config(config, None if meta is None else meta.get("config"))
         trainer = Trainer(config, stage, mesh)
+        check_periodic_sources(config, stage)
 
         def say(message: str):
             if main:
