@@ -18,6 +18,10 @@ Variants (``--config=configs/decoder.py:VARIANT``):
   64-channel heads at 32/16/8 px, dropout 0.1, batch 2048, lr 1.2e-4, 800k steps); the
   context width (GLIDE's 2048-wide text encoder) is the projected CLIP token width here.
 
+The full-size variants read img2dataset tar shards: set ``data.path`` and ``data.eval_path``
+(the sample grid every ``train.sample_every`` steps reads its 'test' split; the trainer
+opens it before the first step), or ``train.sample_every=0``.
+
 Sections: ``model`` (``unet``: ``unclip_jax.models.unet.UNet`` fields; ``text_proj``:
 ``TextProj`` fields; ``image_size``; ``dtype``/``remat``/``attention_impl``), ``diffusion``
 (schedule, learned-range hybrid loss), ``guidance`` (conditioning dropout for CFG),

@@ -20,6 +20,10 @@ and corrupt the conditioning: Gaussian blur (kernel 3, σ 0.6) for the first sta
 for the second (``augment.kind``). ``augment.noise_aug_max_level`` > 0 (with
 ``model.unet.aug_level_embedding=True``) adds Imagen-style noise augmentation.
 
+The full-size variants read img2dataset tar shards: set ``data.path`` and ``data.eval_path``
+(the sample grid every ``train.sample_every`` steps reads its 'test' split; the trainer
+opens it before the first step), or ``train.sample_every=0``.
+
 Sections: ``model`` (``unet``: ``unclip_jax.models.unet.UNet`` fields; ``image_size`` (target),
 ``low_res_size``; ``dtype``/``remat``/``attention_impl``), ``diffusion``, ``augment``,
 ``sample``, ``data`` and the trainer's ``train``/``optim``/``mesh``.
