@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import pickle
 import tarfile
 
@@ -279,6 +280,14 @@ def test_embeddings_damage_is_counted(tmp_path):
         embeddings.EmbeddingSource(str(only))
     assert set(embeddings.EmbeddingSource(str(only), require_hidden=False)[0]) == {
         "image_embed", "text_embed"}
+    # text_hidden/ without text_mask/: named as missing, or read without either when allowed.
+    half = tmp_path / "half"
+    embeddings.write_embeddings(str(half), arrays)
+    shutil.rmtree(half / "text_mask")
+    with pytest.raises(DataError, match="no text_mask/ shards"):
+        embeddings.EmbeddingSource(str(half))
+    source = embeddings.EmbeddingSource(str(half), require_hidden=False)
+    assert len(source) == 9 and set(source[0]) == {"image_embed", "text_embed"}
 
 
 def test_make_source_for_every_kind(shard_dir, image_folder, tmp_path):

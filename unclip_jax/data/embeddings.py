@@ -64,9 +64,11 @@ class EmbeddingSource:
         if not os.path.isdir(path):
             raise DataError(f"embedding folder {path!r} does not exist")
         files = {kind: _shard_files(path, kind) for kind in KINDS}
-        has_hidden = bool(files["text_hidden"] or files["text_mask"])
+        # Per-token encodings need both folders; one without the other is unusable.
+        has_hidden = bool(files["text_hidden"] and files["text_mask"])
         if require_hidden and not has_hidden:
-            raise DataError(f"{path!r} has no text_hidden/ and text_mask/ shards, which this "
+            missing = [f"{k}/" for k in ("text_hidden", "text_mask") if not files[k]]
+            raise DataError(f"{path!r} has no {' and no '.join(missing)} shards, which this "
                             "source requires (per-token text encodings); set "
                             "require_hidden=False to read image/text embeddings only")
         self.kinds = KINDS if has_hidden else KINDS[:2]
