@@ -260,6 +260,18 @@ def test_config_errors_before_compiling():
     assert set(base_config()) == {"stage", "model", "data", "train", "optim", "mesh"}
 
 
+
+def test_finite_tar_epochs_are_refused_with_several_processes(monkeypatch):
+    config = toy_config()
+    config.data.kind, config.data.num_epochs = "tar", 2
+    loop.validate_config(config)  # one process: it stops with a clear error when the data ends
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="run out of data at different steps"):
+        loop.validate_config(config)
+    config.data.num_epochs = 0
+    loop.validate_config(config)
+
+
 def test_a_config_error_in_train_closes_the_checkpointer(tmp_path, monkeypatch):
     closed = []
     real_close = ckpt_lib.Checkpointer.close

@@ -57,6 +57,14 @@ def validate_config(config, mesh=None) -> None:
     if t.batch_size % jax.process_count():
         raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the "
                          f"{jax.process_count()} processes")
+    data = config.get("data", {})
+    if data.get("kind") == "tar" and int(data.get("num_epochs", 0)) > 0 and jax.process_count() > 1:
+        # Each process streams its own shards, whose sample counts differ: one would run out
+        # while the others wait for it in the next step's collectives.
+        raise ValueError(f"config.data.num_epochs={data.num_epochs} with tar shards and "
+                         f"{jax.process_count()} processes: the processes would run out of data at "
+                         "different steps; use data.num_epochs=0 (repeat) and bound the run with "
+                         "train.steps")
     if mesh is not None:
         shards = parallel.batch_shard_count(mesh)
         micro = t.batch_size // t.grad_accum
