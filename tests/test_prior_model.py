@@ -191,6 +191,11 @@ def test_converter_reports_mismatches(tmp_path):
         json.dump(cfg, f)
     with pytest.raises(ConversionError, match="unused checkpoint tensors"):
         convert_prior(src)
+    # The command line: a message, not a traceback.
+    with pytest.raises(SystemExit, match=r"(?s)error: .*unused checkpoint tensors"):
+        main([f"--src={src}", f"--out={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit, match="error: "):
+        main([f"--src={tmp_path / 'nowhere'}", f"--out={tmp_path / 'out'}"])
 
 
 @pytest.mark.karlo

@@ -178,6 +178,8 @@ def test_export_base_replaces_only_the_given_stage(recipe_dir, tmp_path):
 
     out = str(tmp_path / "swapped")
     export_main([f"--base={edited}", f"--decoder={workdir}/decoder", f"--out={out}", "--storage_dtype=float32"])
+    with pytest.raises(SystemExit, match="error: "):  # a tokenizer that is not there: a message
+        export_main([f"--clip={workdir}/clip", f"--tokenizer={tmp_path}/no_tokenizer", f"--out={tmp_path}/bad"])
     swapped, base = load_pipeline(out), load_pipeline(edited)
     defaults = json.load(open(os.path.join(out, "pipeline.json")))["defaults"]
     assert defaults["decoder_steps"] == base_json["defaults"]["decoder_steps"] == 5  # the decoder config's

@@ -336,6 +336,8 @@ def test_cli_converts_a_saved_pipeline_folder(tmp_path):
     for name, seed in (("super_res_first", 32), ("super_res_last", 33)):
         make_torch_super_res("tiny", seed=seed).save_pretrained(str(src / name))
     main(["karlo", "--src", str(src), "--out", str(out)])
+    with pytest.raises(SystemExit, match="error: "):  # a message, not a traceback
+        main(["super-res", "--src", str(src / "nowhere"), "--out", str(tmp_path / "bad")])
     params, config = load_pretrained(str(out / "decoder"))
     expected, expected_config = convert_decoder(str(src / "decoder"), str(src / "text_proj"))
     assert config == json.loads(json.dumps(expected_config))

@@ -180,11 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--storage_dtype", choices=("float16", "float32"),
                         help="store parameters as flat safetensors in this dtype (default: orbax, float32)")
     args = parser.parse_args(argv)
+    from unclip_jax.convert.common import ConversionError
     from unclip_jax.pipeline import PipelineError
     try:
         export(args.out, args.clip, args.prior, args.decoder, args.upsampler, args.tokenizer,
                storage_dtype=args.storage_dtype, base=args.base)
-    except (ExportError, PipelineError) as e:
+    except (ExportError, PipelineError, ConversionError, OSError, ValueError) as e:  # bad paths or stages
         sys.exit(f"error: {e}")
     print(f"wrote pipeline to {args.out}")
 

@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--src", required=True, help="folder with config.json + diffusion_pytorch_model.safetensors")
     parser.add_argument("--out", required=True, help="output folder (our pretrained format)")
     args = parser.parse_args(argv)
-    params, stats, config = convert_prior(args.src)
+    try:
+        params, stats, config = convert_prior(args.src)
+    except (ConversionError, OSError) as e:  # a missing folder or file, or weights that do not fit
+        sys.exit(f"error: {e}")
     save_prior(args.out, params, stats, config)
     n = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
     print(f"wrote {args.out}: {n:,} parameters, config {config}", file=sys.stderr)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -348,15 +349,18 @@ def main(argv=None) -> None:
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    if args.command == "decoder":
-        save_pretrained(args.out, *convert_decoder(args.unet, args.text_proj))
-    elif args.command == "super-res":
-        save_pretrained(args.out, *convert_super_res(args.src))
-    else:
-        save_pretrained(os.path.join(args.out, "decoder"),
-                        *convert_decoder(os.path.join(args.src, "decoder"), os.path.join(args.src, "text_proj")))
-        for name in ("super_res_first", "super_res_last"):
-            save_pretrained(os.path.join(args.out, name), *convert_super_res(os.path.join(args.src, name)))
+    try:
+        if args.command == "decoder":
+            save_pretrained(args.out, *convert_decoder(args.unet, args.text_proj))
+        elif args.command == "super-res":
+            save_pretrained(args.out, *convert_super_res(args.src))
+        else:
+            save_pretrained(os.path.join(args.out, "decoder"),
+                            *convert_decoder(os.path.join(args.src, "decoder"), os.path.join(args.src, "text_proj")))
+            for name in ("super_res_first", "super_res_last"):
+                save_pretrained(os.path.join(args.out, name), *convert_super_res(os.path.join(args.src, name)))
+    except (ConversionError, OSError) as e:  # a missing folder or file, or weights that do not fit
+        sys.exit(f"error: {e}")
     print(f"wrote {args.out}")
 
 
