@@ -164,3 +164,15 @@ def test_match_objects_pairs_each_target_with_its_most_agreeing_detection():
     # Unspecified attributes (None) never count as agreement.
     assert oracle.match_objects([dict(color="blue", shape=None, size=None, position=None)],
                                 [red, blue]) == [blue]
+
+
+def test_background_of_a_ring_whose_background_pixels_lie_on_one_line():
+    # Sides of three greys: the median (100) keeps only the top row, on which no plane can be
+    # fitted; the background is then that row's colour, not an extrapolated plane.
+    img = np.full((32, 32, 3), 128, np.uint8)
+    img[:, 0], img[:, -1], img[-1, :], img[0, :] = 0, 0, 255, 100
+    np.testing.assert_allclose(oracle.estimate_background(img), 100.0)
+    # A fittable ring still gets its plane: a horizontal gradient is kept as one.
+    ramp = np.broadcast_to(np.linspace(60, 180, 32)[None, :, None], (32, 32, 3)).astype(np.uint8)
+    bg = oracle.estimate_background(ramp)
+    assert bg[16, 0, 0] < 70 and bg[16, -1, 0] > 170

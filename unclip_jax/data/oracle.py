@@ -85,7 +85,8 @@ def estimate_background(images: np.ndarray) -> np.ndarray:
     """Per-pixel background colour, float (..., H, W, 3): a plane fitted to the border ring.
 
     Border pixels farther than ``FG_THRESHOLD`` from the ring's median colour are left out
-    of the least-squares fit; with fewer than 8 left, the median colour is used.
+    of the least-squares fit; with fewer than 8 left, or all of them on one line, the
+    median colour is used.
     """
     img = np.asarray(images, np.float64)
     single = img.ndim == 3
@@ -101,7 +102,9 @@ def estimate_background(images: np.ndarray) -> np.ndarray:
     design = np.stack([np.ones(len(xs)), xs / w - 0.5, ys / h - 0.5], axis=1)  # (K, 3)
     normal = np.einsum("nk,ki,kj->nij", keep, design, design)
     rhs = np.einsum("nk,ki,nkc->nic", keep, design, colors)
-    fit = keep.sum(1) >= 8
+    # A plane needs kept pixels off one line: all in one row or column leave the normal
+    # equations singular (solve then fails, or returns a wild plane), so take the median.
+    fit = (keep.sum(1) >= 8) & (np.linalg.cond(normal) < 1e8)
     coef = np.zeros((n, 3, 3))
     coef[:, 0] = median
     if fit.any():
