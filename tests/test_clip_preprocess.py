@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from PIL import Image  # noqa: E402
 
 from unclip_jax.clip_preprocess import (OPENAI_CLIP_STD, preprocess_images,  # noqa: E402

@@ -108,6 +108,8 @@ def test_guided_decoder_loop_matches_unclip_pipeline(tmp_path):
     err = rel_err(ours, nhwc(ref))
     print("decoder loop rel err", err)
     assert err <= TOL
+    # Most pixels are inside (−1, 1), not clamped at its ends, where both sides agree for free.
+    assert (np.abs(np.asarray(ref)) < 0.98).mean() > 0.5
 
     # The sampler draws its own noise from the key: deterministic, and different per key.
     a = sample_decoder(params, config, inp["image_embed"], inp["text_embed"], inp["text_hidden"],

@@ -19,8 +19,8 @@ from unclip_jax.diffusion.samplers import (classifier_free_guidance, ddim_invert
                                            ddpm_sample, ddpm_step, dynamic_thresholding)
 from unclip_jax.diffusion.schedule import Schedule, respace
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 import diffusers.schedulers.scheduling_ddpm as ddpm_module  # noqa: E402
 import diffusers.schedulers.scheduling_unclip as unclip_module  # noqa: E402
 

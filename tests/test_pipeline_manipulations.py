@@ -58,6 +58,15 @@ def test_variations_with_inversion_stay_close_and_differ(pipe):
     out = pipe.variations([image], seed=1, num_per_image=2, invert=True, eta=0.5, ddim_steps=30, strength=0.3)
     assert out.shape == (2, 32, 32, 3) and out.dtype == np.uint8
     assert np.abs(out[0].astype(int) - out[1].astype(int)).mean() > 0.5  # eta > 0: not identical
+    # Close to the input, because they start from its inversion: from fresh noise at the same
+    # depth the same DDIM lands much farther away.
+    z_i, x_T = pipe.invert([image], steps=30, strength=0.3)
+    fresh = pipe.ddim_decode(jnp.repeat(z_i, 2, axis=0), jax.random.normal(jax.random.PRNGKey(9), (2,) + x_T.shape[1:]),
+                             seed=1, steps=30, eta=0.5, strength=0.3)
+    fresh = np.round((np.asarray(fresh) + 1.0) * 127.5)
+    near = np.abs(out.astype(float) - image.astype(float)).mean()
+    far = np.abs(fresh - image.astype(float)).mean()
+    assert near < 0.5 * far, (near, far)
     plain = pipe.variations([image], seed=1, num_per_image=1, decoder_steps=3)
     assert plain.shape == (1, 32, 32, 3)
 

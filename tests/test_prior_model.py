@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 from unclip_jax.convert.common import ConversionError  # noqa: E402
 from unclip_jax.convert.prior import convert_prior, load_prior, main, save_prior  # noqa: E402

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 from test_prior_model import TINY, make_reference, max_rel  # noqa: E402
 

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from unclip_jax.tokenizer import (EOS_TOKEN, BOS_TOKEN, PromptTruncatedWarning, bytes_to_unicode,  # noqa: E402
                                   find_tokenizer_dir, load_tokenizer, write_word_level_vocab)

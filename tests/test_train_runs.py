@@ -110,6 +110,9 @@ def test_sharded_step_equals_single_device_step():
     assert single["fc1_spec"] == "P()"
     for name in ("data4_fsdp2", "data2_fsdp2_tensor2", "accum2_data4_fsdp2", "accum4_single"):
         np.testing.assert_allclose(runs[name]["losses"], single["losses"], rtol=1e-5, err_msg=name)
+        # Clipping and Adam hide a gradient's scale (summed instead of averaged over shards or
+        # microbatches): its norm does not.
+        np.testing.assert_allclose(runs[name]["grad_norms"], single["grad_norms"], rtol=1e-5, err_msg=name)
         _assert_trees_close(runs[name]["params"], single["params"], 1e-5)
     # FSDP really splits the big kernel (16 x 32 -> 16 x 16 per device) and its Adam moment.
     fsdp = runs["data4_fsdp2"]
@@ -167,7 +170,9 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path, reference, 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert checkpointer.latest_step() == saved
     checkpointer.close()
-    _assert_trees_close(_final(workdir, saved), _final(workdir, saved), 0)  # restorable
+    # Restorable, with finite values; that it holds the right state shows below, where the run
+    # resumed from it repeats the uninterrupted run's losses bit for bit.
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(_final(workdir, saved)))
 
     log = _run(workdir, 1, cache_dir, *command)
     assert f"Restored checkpoint at step {saved}" in log

@@ -40,15 +40,17 @@ def run(mesh_shape, grad_accum=1, stage=None, steps=2):
     state = trainer.init_state()
     source = ToySource(config.data.num_examples, config.data.dim)
     it = toy_batches(source, 16, seed=0, start_step=0, process_index=0, process_count=1)
-    losses = []
+    losses, grad_norms = [], []
     for _ in range(steps):
         batch = trainer.put_batch(trainer.stage.preprocess(next(it), config))
         state, metrics = trainer.step(state, batch)
         losses.append(float(metrics["loss"]))
+        grad_norms.append(float(metrics["grad_norm"]))
     params = jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), jax.device_get(state.params))
     mu = state.opt_state[1][0].mu
     return {
         "losses": losses,
+        "grad_norms": grad_norms,
         "params": params,
         "fc1_spec": str(state.params["fc1"]["kernel"].sharding.spec),
         "fc1_mu_spec": str(mu["fc1"]["kernel"].sharding.spec),

@@ -24,11 +24,12 @@ def one_step(config, mesh_shape, batch_np):
     trainer = Trainer(config, None, mesh)
     state, init = trainer.init_state(), None
     init = jax.device_get(state.params)
-    losses = []
+    losses, grad_norms = [], []
     for _ in range(3):  # the first step has learning rate 0 under warmup
         state, metrics = trainer.step(state, trainer.put_batch(batch_np))
         losses.append(float(metrics["loss"]))
-    return losses, init, jax.device_get(state.params)
+        grad_norms.append(float(metrics["grad_norm"]))  # Adam's update hides a gradient's scale
+    return losses, grad_norms, init, jax.device_get(state.params)
 
 
 def main(spec: str) -> dict:
@@ -37,14 +38,15 @@ def main(spec: str) -> dict:
     stage = trainer.stage
     source = stage.make_source(config, "train", 0, 1)
     batch_np = stage.preprocess(next(iter(stage.batches(source, 8, seed=0, start_step=0))), config)
-    loss_1, init, params_1 = one_step(config, (1, 1, 1), batch_np)
-    loss_8, _, params_8 = one_step(config, (4, 2, 1), batch_np)
+    loss_1, grad_norm_1, init, params_1 = one_step(config, (1, 1, 1), batch_np)
+    loss_8, grad_norm_8, _, params_8 = one_step(config, (4, 2, 1), batch_np)
 
     def max_abs(a, b):
         return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
             lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))), a, b)))
     # The 8-device parameters must differ from the 1-device ones far less than the steps moved them.
-    return {"losses_1": loss_1, "losses_8": loss_8, "max_abs_param_diff": max_abs(params_1, params_8),
+    return {"losses_1": loss_1, "losses_8": loss_8, "grad_norms_1": grad_norm_1, "grad_norms_8": grad_norm_8,
+            "max_abs_param_diff": max_abs(params_1, params_8),
             "max_abs_update": max_abs(init, params_1)}
 
 
