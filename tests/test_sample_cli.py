@@ -145,3 +145,32 @@ def test_same_seed_same_images_on_1_and_8_devices_and_two_processes(tiny_karlo, 
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
     for path in paths:
         _assert_same_pictures(np.load(path), results[0])
+
+
+def test_prompts_file_interpolation_and_variations_with_the_shipped_model(tmp_path):
+    """The three modes on the default checkpoint (the shipped shapes model, whose CLIP has an
+    image tower), a few steps each."""
+    fast = FAST + ["--decoder_best_of_n=1"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\n\n  a small blue square at the top  \n")
+    out = tmp_path / "file"
+    proc = _run([f"--prompts_file={prompts}", f"--out={out}"] + fast)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.load(open(out / "manifest.json"))
+    assert [e["prompt"] for e in manifest["images"]] == ["a red circle on the left", "a small blue square at the top"]
+    assert manifest["settings"]["checkpoint"].endswith(os.path.join("assets", "shapes_pipeline"))
+
+    out = tmp_path / "interpolation"
+    proc = _run(["--interpolate=a red circle,a blue square", "--num_images=3", f"--out={out}"] + fast)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frames = json.load(open(out / "manifest.json"))["images"]
+    assert [e["theta"] for e in frames] == [0.0, 0.5, 1.0]
+    first, last = (np.asarray(Image.open(out / e["file"])).astype(int) for e in (frames[0], frames[-1]))
+    assert first.shape == (64, 64, 3) and np.abs(first - last).mean() > 1  # two prompts, two pictures
+
+    picture = tmp_path / "file" / json.load(open(tmp_path / "file" / "manifest.json"))["images"][0]["file"]
+    out = tmp_path / "variations"
+    proc = _run([f"--variations_of={picture}", "--num_images=2", f"--out={out}"] + fast)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = json.load(open(out / "manifest.json"))["images"]
+    assert len(images) == 2 and all(e["variation_of"] == str(picture) for e in images)
