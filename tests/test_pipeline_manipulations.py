@@ -116,3 +116,13 @@ def test_decoder_best_of_n_keeps_the_image_clip_ranks_first(pipe, tiny_karlo):
     assert text_only.settings(decoder_best_of_n=2)["decoder_best_of_n"] == 2
     with pytest.raises(pl.PipelineError, match="decoder_best_of_n must be at most 64"):
         pipe.settings(decoder_best_of_n=65)
+
+
+def test_text_diff_starts_at_the_image_and_moves_away(pipe):
+    image = _smooth_image(3)
+    frames = pipe.text_diff(image, "a red horse", "a photo", thetas=(0.0, 0.5), seed=2, decoder_steps=3)
+    assert frames.shape == (2, 32, 32, 3) and frames.dtype == np.uint8
+    # θ = 0 is the image's own embedding, decoded with the same fixed noise.
+    own = pipe._fixed_noise_decode(pipe.encode_image([image]), 2, decoder_steps=3)
+    np.testing.assert_allclose(frames[0].astype(int), own[0].astype(int), atol=1)
+    assert np.abs(frames[1].astype(int) - frames[0].astype(int)).mean() > 0.5

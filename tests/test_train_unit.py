@@ -69,6 +69,28 @@ def test_init_distributed_is_a_no_op_for_one_process(monkeypatch):
         parallel.init_distributed(coordinator_address="localhost:1234")
 
 
+
+@pytest.mark.parametrize("env, expected", [
+    ({"SLURM_NTASKS": "4"}, {}),                         # launchers: JAX reads their variables
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "t0"}, None),               # a single-host TPU VM: one process
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"UNCLIP_COORDINATOR_ADDRESS": "h:1", "UNCLIP_NUM_PROCESSES": "2", "UNCLIP_PROCESS_ID": "1"},
+     {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}),
+])
+def test_init_distributed_detects_launchers(monkeypatch, env, expected):
+    for key in ("UNCLIP_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "JAX_NUM_PROCESSES",
+                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "UNCLIP_NUM_PROCESSES", "UNCLIP_PROCESS_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    assert parallel.init_distributed() is (expected is not None)
+    assert calls == ([] if expected is None else [expected])
+
+
 # -- optimizer --------------------------------------------------------------------------
 
 def _toy_param_shapes():

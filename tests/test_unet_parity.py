@@ -347,3 +347,13 @@ def test_cli_converts_a_saved_pipeline_folder(tmp_path):
     assert last_config["sample_size"] == 64
     expected_last, _ = convert_super_res(str(src / "super_res_last"))
     np.testing.assert_array_equal(np.asarray(last["conv_out"]["kernel"]), expected_last["conv_out"]["kernel"])
+    # The single-model subcommands write the same directories as the whole-folder one.
+    main(["decoder", "--unet", str(src / "decoder"), "--text-proj", str(src / "text_proj"),
+          "--out", str(tmp_path / "decoder_alone")])
+    main(["super-res", "--src", str(src / "super_res_last"), "--out", str(tmp_path / "super_res_alone")])
+    for alone, whole in (("decoder_alone", "decoder"), ("super_res_alone", "super_res_last")):
+        got, got_config = load_pretrained(str(tmp_path / alone))
+        want, want_config = load_pretrained(str(out / whole))
+        assert got_config == want_config
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
