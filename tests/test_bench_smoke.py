@@ -164,3 +164,16 @@ def test_shapes_clip_probe_on_the_shipped_model(capsys):
         assert all(0.0 <= row[split][k] <= 1.0 for k in ("zero_shot", "linear_probe"))
     # The shipped CLIP carries shape on seen colour-shape pairs (README: linear probe 97% on 600).
     assert row["test"]["linear_probe"] >= 0.8, row
+
+
+def test_training_bench_runs_a_stage_config_file(tmp_path):
+    """``bench.training --config-file``: the shapes recipe's decoder config (tiny here) times
+    its optimizer step and reports the achieved FLOP rate, the figure to compare on a CPU."""
+    from bench import training
+    out = tmp_path / "train.jsonl"
+    training.main(["--stage", "decoder", "--config-file", "configs/shapes_decoder.py:tiny", "--batch", "2",
+                   "--steps", "1", "--warmup", "1", "--out", str(out)])
+    records = [json.loads(line) for line in open(out)]
+    run = next(r for r in records if r["kind"] == "training")
+    assert run["batch"] == 2 and run["sec_per_step"] > 0 and run["achieved_tflops"] > 0
+    assert next(r for r in records if r["kind"] == "setup")["setting"] == "train decoder configs/shapes_decoder.py:tiny"
