@@ -156,9 +156,6 @@ def main(argv):
         raise app.UsageError(str(e)) from e
     if pipe.decoder_params is None:
         raise app.UsageError(f"{checkpoint} has no decoder: it cannot make images")
-    if (images_in is not None or (interp and interp[0] == "images")) and pipe.clip_config.vision is None:
-        raise app.UsageError(f"{checkpoint}'s CLIP has no image tower, which image variations and "
-                             "interpolations need")
     try:
         images, records = _sample(pipe, checkpoint, prompts, images_in, interp, cfg, settings,
                                   max_batch=int(cfg["batch_size"]) * jax.device_count())

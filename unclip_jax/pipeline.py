@@ -186,17 +186,14 @@ class UnCLIPPipeline:
         return self._replicated[name]
 
     @staticmethod
-    def _to_host(x: jax.Array, n: int) -> np.ndarray:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            x = multihost_utils.process_allgather(x, tiled=True)
-        return np.asarray(x)[:n]
-
-    def _first_rows(self, x: jax.Array, n: int) -> jax.Array:
+    def _first_rows(x: jax.Array, n: int) -> jax.Array:
         """The first ``n`` rows of a stage's batch-sharded output, readable by this process:
         with several processes each one holds only its devices' rows, so every process
         gathers the whole batch (the next stage, ``np.asarray`` and image saving need it)."""
-        return x[:n] if jax.process_count() == 1 else jnp.asarray(self._to_host(x, n))
+        if jax.process_count() == 1:
+            return x[:n]
+        from jax.experimental import multihost_utils
+        return jnp.asarray(np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n])
 
     def _pad(self, x, n_to: int):
         x = np.asarray(x)
