@@ -174,7 +174,7 @@ def test_mismatch_lists_missing_unexpected_and_misshaped(tmp_path):
 
 
 def test_missing_directory_errors_say_what_to_do(tmp_path):
-    with pytest.raises(ConversionError, match="huggingface-cli download"):
+    with pytest.raises(ConversionError, match="hf download"):
         convert_clip.load_hf(str(tmp_path / "nope"))
     (tmp_path / "pipe" / "text_encoder").mkdir(parents=True)
     with pytest.raises(ConversionError, match="text_encoder"):

@@ -86,7 +86,7 @@ def test_layout_of_ids(vocab_dir):
 
 
 def test_missing_directory_says_how_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download openai/clip-vit-large-patch14"):
+    with pytest.raises(FileNotFoundError, match="hf download openai/clip-vit-large-patch14"):
         load_tokenizer(str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         load_tokenizer(str(tmp_path))

@@ -33,7 +33,7 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "!"
 
-_GET_IT = ("get the tokenizer files on a machine with network, e.g. `huggingface-cli download "
+_GET_IT = ("get the tokenizer files on a machine with network, e.g. `hf download "
            "openai/clip-vit-large-patch14 --include '*.json' '*.txt' --local-dir DIR`, and pass DIR "
            "(a diffusers pipeline folder with a tokenizer/ sub-folder also works)")
 

@@ -4,7 +4,7 @@ Sources:
 
 - **Hugging Face transformers** directories (``config.json`` + ``model.safetensors``,
   or ``pytorch_model.bin`` read with ``torch.load(weights_only=True)``), as
-  ``huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR`` writes them:
+  ``hf download openai/clip-vit-large-patch14 --local-dir DIR`` writes them:
   ``CLIPModel`` (both towers), ``CLIPTextModelWithProjection`` (text tower only, e.g.
   diffusers' Karlo ``text_encoder/``) and ``CLIPVisionModelWithProjection`` (image tower
   only, e.g. the Karlo image-variation ``image_encoder/``). Parity with transformers'
@@ -52,7 +52,7 @@ HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, projection_di
 HF_CLIP_DEFAULTS = dict(projection_dim=512, logit_scale_init_value=2.6592)
 
 _DOWNLOAD_HINT = ("a transformers CLIP directory holds config.json and model.safetensors, e.g. "
-                  "`huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR` "
+                  "`hf download openai/clip-vit-large-patch14 --local-dir DIR` "
                   "(for Karlo's text encoder: the `text_encoder/` folder of kakaobrain/karlo-v1-alpha)")
 
 

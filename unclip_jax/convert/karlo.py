@@ -1,6 +1,6 @@
 """Karlo v1.0-alpha (a diffusers UnCLIPPipeline directory) → our pipeline directory.
 
-The source is what ``huggingface-cli download kakaobrain/karlo-v1-alpha --local-dir DIR``
+The source is what ``hf download kakaobrain/karlo-v1-alpha --local-dir DIR``
 gives (or ``UnCLIPPipeline.save_pretrained``): ``text_encoder/``, ``tokenizer/``,
 ``prior/``, ``text_proj/``, ``decoder/``, ``super_res_first/``, ``super_res_last/``
 (each ``config.json`` + safetensors; the schedulers' folders are not needed: their
