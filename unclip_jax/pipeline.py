@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -127,6 +128,16 @@ def example_noise(key: jax.Array, indices: jax.Array, shape: tuple[int, ...], st
 
 
 # ----------------------------------------------------------------------------- pipeline
+
+def _on_own_mesh(method):
+    """Runs a model-calling method with the pipeline's mesh as JAX's context mesh: splash
+    attention (a TPU kernel that GSPMD cannot partition) shards itself over that mesh."""
+    @functools.wraps(method)
+    def on_mesh(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return method(self, *args, **kwargs)
+    return on_mesh
+
 
 @dataclasses.dataclass
 class UnCLIPPipeline:
@@ -231,6 +242,7 @@ class UnCLIPPipeline:
             raise PipelineError("prompts must be strings")
         return self.tokenizer(list(prompts))
 
+    @_on_own_mesh
     def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
         """Prompts → (z_t (B, D), per-token states (B, 77, W), mask (B, 77)).
 
@@ -241,6 +253,7 @@ class UnCLIPPipeline:
         embed, hidden = self._encode_text(self.clip_params, jnp.asarray(tokens.input_ids))
         return TextEncoding(embed, hidden, jnp.asarray(tokens.attention_mask))
 
+    @_on_own_mesh
     def encode_image(self, images: Sequence[np.ndarray]) -> jax.Array:
         """uint8 (H, W, 3) images of any size → CLIP image embeddings z_i (B, D)."""
         from unclip_jax.clip_preprocess import preprocess_images
@@ -256,6 +269,7 @@ class UnCLIPPipeline:
             self._null = self.encode_text([""])
         return self._null
 
+    @_on_own_mesh
     def prior(self, text: TextEncoding, seed: int, *, first_index: int = 0, **overrides) -> jax.Array:
         """Samples CLIP image embeddings z_i (B, D) for the encoded prompts; prompt i draws
         the noise of example ``first_index + i``."""
@@ -279,6 +293,7 @@ class UnCLIPPipeline:
             noise=self._shard(np.asarray(noise if n > 1 else noise[:, :, 0]), axis=1))
         return self._first_rows(out, b)
 
+    @_on_own_mesh
     def decode(self, image_embed: jax.Array, text: TextEncoding, seed: int, *,
                first_index: int = 0, **overrides) -> jax.Array:
         """Decoder: z_i (B, D) + the prompts' encodings → (B, S, S, 3) images in [−1, 1]."""
@@ -313,6 +328,7 @@ class UnCLIPPipeline:
         index = jnp.argmax(scores, axis=0)  # the first maximum: ties keep the earlier candidate
         return jnp.stack(candidates)[index, jnp.arange(index.shape[0])]
 
+    @_on_own_mesh
     def upsample(self, images: jax.Array, seed: int, *, first_index: int = 0, **overrides) -> jax.Array:
         """Runs every upsampler in turn on (B, s, s, 3) images in [−1, 1]."""
         s = self.settings(**overrides)
@@ -454,6 +470,7 @@ class UnCLIPPipeline:
                               context_mask=context_mask)
         return model_fn, spec
 
+    @_on_own_mesh
     def invert(self, images: Sequence[np.ndarray], *, steps: int = 50, fixed_point_iters: int = 2,
                strength: float = 1.0) -> tuple[jax.Array, jax.Array]:
         """DDIM inversion through the decoder (paper §3.1's bipartite latent).
@@ -485,6 +502,7 @@ class UnCLIPPipeline:
                                          fixed_point_iters=fixed_point_iters)
         return z_i, run(z_i, x0)
 
+    @_on_own_mesh
     def ddim_decode(self, image_embed: jax.Array, x_T: jax.Array, seed: int = 0, *, steps: int = 50,
                     eta: float = 0.0, strength: float = 1.0) -> jax.Array:
         """DDIM decoding from a given x_T (N, S, S, 3), unguided, as the paper's variations:

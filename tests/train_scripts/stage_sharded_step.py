@@ -2,7 +2,7 @@
 data=4 x fsdp=2 mesh of 8 fake CPU devices, same batch and key; prints JSON with the
 largest differences. Run with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
-    python -m tests.train_scripts.stage_sharded_step configs/prior.py:tiny
+    python -m tests.train_scripts.stage_sharded_step configs/prior.py:tiny [override ...]
 """
 
 import json
@@ -32,8 +32,8 @@ def one_step(config, mesh_shape, batch_np):
     return losses, grad_norms, init, jax.device_get(state.params)
 
 
-def main(spec: str) -> dict:
-    config = load_config(spec, ["train.batch_size=8", "train.grad_accum=1"])
+def main(spec: str, overrides=()) -> dict:
+    config = load_config(spec, ["train.batch_size=8", "train.grad_accum=1", *overrides])
     trainer = Trainer(config, None, parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     stage = trainer.stage
     source = stage.make_source(config, "train", 0, 1)
@@ -52,4 +52,4 @@ def main(spec: str) -> dict:
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
-    json.dump(main(sys.argv[1]), sys.stdout)
+    json.dump(main(sys.argv[1], sys.argv[2:]), sys.stdout)

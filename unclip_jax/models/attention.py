@@ -1,8 +1,12 @@
 """The one attention function every model calls.
 
 All attention in the project goes through :func:`dot_product_attention`, so the
-backend choice lives in one place: XLA everywhere by default (CPU, GPU, TPU), and
-cuDNN flash attention on NVIDIA GPUs when asked for and when the inputs allow it.
+backend choice lives in one place: XLA everywhere by default (CPU, GPU, TPU), cuDNN
+flash attention on NVIDIA GPUs when asked for and when the inputs allow it, and Pallas
+splash attention on TPUs when asked for (``unclip_jax.models.splash``).
+
+Masks come either as an additive ``bias`` or, in the form every backend can take, as a
+boolean ``key_mask`` plus ``is_causal``; splash attention takes only the latter.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["xla", "cudnn", "auto"]
+Implementation = Literal["xla", "cudnn", "splash", "auto"]
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
 # Additive bias that the PyTorch references (diffusers, Karlo) use for masked keys.
 # Using the same finite value (not -inf) keeps fully masked rows and parity exact.
@@ -23,6 +28,19 @@ MASK_BIAS = -10000.0
 def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     """Boolean key mask (B, Lk), True = attend, to an additive bias (B, 1, 1, Lk)."""
     return jnp.where(mask, 0.0, MASK_BIAS).astype(dtype)[:, None, None, :]
+
+
+def key_mask_to_bias(key_mask: jax.Array, is_causal: bool, q_len: int) -> jax.Array:
+    """(B, Lk) key mask (and causality) as diffusers adds them: (B, 1, Lq, Lk) or (B, 1, 1, Lk).
+
+    Both masks add ``MASK_BIAS`` (float32), so a key that is padded *and* in the future
+    gets twice that, as in diffusers' prior.
+    """
+    bias = mask_to_bias(key_mask.astype(bool))
+    if is_causal:
+        future = jnp.triu(jnp.ones((q_len, key_mask.shape[1]), bool), k=1)
+        bias = bias + jnp.where(future, MASK_BIAS, 0.0)[None, None]
+    return bias
 
 
 def _cudnn_ok(q: jax.Array) -> bool:
@@ -52,7 +70,8 @@ def _pad_lengths_to_even(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Arr
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          bias: jax.Array | None = None, is_causal: bool = False,
+                          bias: jax.Array | None = None, key_mask: jax.Array | None = None,
+                          is_causal: bool = False,
                           scale: float | None = None,
                           implementation: Implementation = "xla") -> jax.Array:
     """softmax(q k^T * scale + bias) v over heads.
@@ -61,17 +80,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       q: (B, Lq, H, D) queries.
       k, v: (B, Lk, H, D) keys and values.
       bias: additive logits bias broadcastable to (B, H, Lq, Lk), e.g. from
-        :func:`mask_to_bias`; masked positions get ``MASK_BIAS``.
+        :func:`mask_to_bias`; masked positions get ``MASK_BIAS``. Not for "splash".
+      key_mask: (B, Lk) bool, True = attend. Off splash it becomes an additive bias
+        (with the causal mask, if any, added the same way: :func:`key_mask_to_bias`).
       is_causal: mask keys after each query (Lq == Lk).
       scale: logits scale; 1/sqrt(D) by default.
       implementation: "xla" (portable, the default), "cudnn" (flash attention on
-        NVIDIA GPUs; bf16/fp16, D <= 128), or "auto" (cudnn where it
-        applies, else xla).
+        NVIDIA GPUs; bf16/fp16, D <= 128), "splash" (Pallas flash attention on TPUs;
+        interpreted, slowly, on CPU), or "auto" (cudnn where it applies, else xla).
     Returns:
       (B, Lq, H, D) in the dtype of ``q``.
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     if implementation == "auto":
         implementation = "cudnn" if _cudnn_ok(q) else "xla"
+    if implementation == "splash":
+        if bias is not None:
+            raise ValueError("splash attention takes key_mask / is_causal, not an additive bias")
+        from unclip_jax.models.splash import splash_attention
+        return splash_attention(q, k, v, key_mask=key_mask, is_causal=is_causal, scale=scale)
+    if key_mask is not None:
+        mask_bias = key_mask_to_bias(key_mask, is_causal, q.shape[1])
+        bias = mask_bias if bias is None else bias + mask_bias
+        is_causal = False
     if bias is not None:
         bias = bias.astype(q.dtype)
         if implementation == "cudnn":

@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.models.attention import dot_product_attention, mask_to_bias
+from unclip_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 POOLING = ("argmax", "eos")
@@ -126,7 +126,7 @@ class CLIPConfig:
       logit_bias_init: None for CLIP; a float (SigLIP: -10) adds a learned ``logit_bias``.
       dtype: compute dtype ("float32", "bfloat16"); parameters stay float32.
       remat: rematerialise each Transformer block in the backward pass.
-      attention: ``dot_product_attention`` implementation ("xla", "cudnn", "auto").
+      attention: ``dot_product_attention`` implementation ("xla", "cudnn", "splash", "auto").
     """
     text: CLIPTextConfig | None = dataclasses.field(default_factory=CLIPTextConfig)
     vision: CLIPVisionConfig | None = dataclasses.field(default_factory=CLIPVisionConfig)
@@ -141,8 +141,8 @@ class CLIPConfig:
         if self.text is None and self.vision is None:
             raise ValueError("a CLIPConfig needs at least one tower (text or vision)")
         jnp.dtype(self.dtype)  # fails early on a bad dtype name
-        if self.attention not in ("xla", "cudnn", "auto"):
-            raise ValueError(f"attention must be 'xla', 'cudnn' or 'auto'; got {self.attention!r}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}; got {self.attention!r}")
 
     def to_dict(self) -> dict:
         """A JSON-able dict (our pretrained ``config.json``); ``model: "clip"`` marks the kind."""
@@ -222,7 +222,7 @@ class ResidualBlock(nn.Module):
     """Pre-LN Transformer block: x += attn(LN1 x); x += fc2(act(fc1(LN2 x))).
 
     Attention uses separate biased q/k/v/out projections and scale 1/√head_dim.
-    ``bias`` is an additive attention bias broadcastable to (B, H, L, L) or None.
+    ``key_mask`` is a (B, L) bool mask of the keys to attend (True) or None (all).
     """
     heads: int
     mlp_dim: int
@@ -234,7 +234,7 @@ class ResidualBlock(nn.Module):
     init_scale: float = 1.0  # OpenAI init: output projections scaled by (2·layers)^-1/2
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
         b, length, width = x.shape
         head_dim = width // self.heads
         attn_std = width ** -0.5
@@ -250,7 +250,7 @@ class ResidualBlock(nn.Module):
         q = split(dense(width, "q", attn_std)(h))
         k = split(dense(width, "k", attn_std)(h))
         v = split(dense(width, "v", attn_std)(h))
-        o = dot_product_attention(q, k, v, bias=bias, is_causal=self.causal,
+        o = dot_product_attention(q, k, v, key_mask=key_mask, is_causal=self.causal,
                                   implementation=self.attention)
         x = x + dense(width, "out", proj_std)(o.reshape(b, length, width))
 
@@ -259,13 +259,13 @@ class ResidualBlock(nn.Module):
         return x + dense(width, "fc2", proj_std)(h)
 
 
-def _blocks(x: jax.Array, bias, *, config: CLIPConfig, tower, causal: bool) -> jax.Array:
+def _blocks(x: jax.Array, key_mask, *, config: CLIPConfig, tower, causal: bool) -> jax.Array:
     dtype = jnp.dtype(config.dtype)
     block_cls = nn.remat(ResidualBlock) if config.remat else ResidualBlock
     for i in range(tower.layers):
         x = block_cls(heads=tower.heads, mlp_dim=tower.mlp_dim, act=tower.act, eps=tower.layer_norm_eps,
                       causal=causal, dtype=dtype, attention=config.attention,
-                      init_scale=(2 * tower.layers) ** -0.5, name=f"block_{i}")(x, bias)
+                      init_scale=(2 * tower.layers) ** -0.5, name=f"block_{i}")(x, key_mask)
     return x
 
 
@@ -306,8 +306,8 @@ class CLIPTextModel(nn.Module):
                          (text.context_length, text.width), jnp.float32)
         x = x + pos[:length].astype(dtype)
 
-        bias = None if attention_mask is None else mask_to_bias(attention_mask.astype(bool), dtype)
-        x = _blocks(x, bias, config=cfg, tower=text, causal=True)
+        key_mask = None if attention_mask is None else attention_mask.astype(bool)
+        x = _blocks(x, key_mask, config=cfg, tower=text, causal=True)
         hidden = _layer_norm(x, text.layer_norm_eps, "ln_final", dtype)
 
         pooled = pool_eot(hidden, input_ids, text)

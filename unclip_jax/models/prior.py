@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.models.attention import MASK_BIAS, dot_product_attention
+from unclip_jax.models.attention import dot_product_attention
 from unclip_jax.models.remat import remat_policy
 
 # Tokens appended after the text encodings: z_t, time, z_i^(t), final query.
@@ -61,18 +61,14 @@ def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0) -> ja
     return emb
 
 
-def causal_text_bias(text_mask: jax.Array, num_extra: int = NUM_EXTRA_TOKENS) -> jax.Array:
-    """Additive attention bias (B, 1, L, L), L = L_text + num_extra, exactly as diffusers builds it.
+def sequence_key_mask(text_mask: jax.Array, num_extra: int = NUM_EXTRA_TOKENS) -> jax.Array:
+    """(B, L_text) text mask -> (B, L_text + num_extra) key mask: the extra tokens are never masked.
 
-    ``text_mask`` (B, L_text) bool, True = real token. Padded text keys get ``MASK_BIAS``;
-    the extra tokens are never masked; ``MASK_BIAS`` is added above the diagonal (causal).
-    Finite biases (not -inf) keep rows whose keys are all masked well defined, as in diffusers.
+    With ``is_causal`` the attention function turns it into diffusers' additive bias
+    (padded text keys and future keys each get ``MASK_BIAS``; finite, so rows whose keys
+    are all masked stay defined, as in diffusers).
     """
-    key_bias = jnp.where(text_mask, 0.0, MASK_BIAS).astype(jnp.float32)
-    key_bias = jnp.pad(key_bias, ((0, 0), (0, num_extra)))
-    length = key_bias.shape[1]
-    causal = jnp.where(jnp.triu(jnp.ones((length, length), bool), k=1), MASK_BIAS, 0.0)
-    return (key_bias[:, None, None, :] + causal[None, None]).astype(jnp.float32)
+    return jnp.pad(text_mask.astype(bool), ((0, 0), (0, num_extra)), constant_values=True)
 
 
 class SelfAttention(nn.Module):
@@ -84,8 +80,8 @@ class SelfAttention(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:
-        """x (B, L, W), bias (B, 1, L, L) -> (B, L, W)."""
+    def __call__(self, x: jax.Array, key_mask: jax.Array, *, deterministic: bool) -> jax.Array:
+        """x (B, L, W), key_mask (B, L) bool (attention is also causal) -> (B, L, W)."""
         b, length, width = x.shape
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
         inner = self.num_heads * self.head_dim
@@ -93,7 +89,7 @@ class SelfAttention(nn.Module):
         q = heads(dense(inner, "to_q")(x))
         k = heads(dense(inner, "to_k")(x))
         v = heads(dense(inner, "to_v")(x))
-        out = dot_product_attention(q, k, v, bias=bias.astype(q.dtype),
+        out = dot_product_attention(q, k, v, key_mask=key_mask, is_causal=True,
                                     implementation=self.attention_impl)
         out = dense(width, "to_out")(out.reshape(b, length, inner))
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
@@ -110,13 +106,13 @@ class PriorBlock(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool = True) -> jax.Array:
         width = x.shape[-1]
         norm = lambda name: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,
                                          param_dtype=jnp.float32, name=name)
         h = norm("norm1")(x)
         x = x + SelfAttention(self.num_heads, self.head_dim, self.dropout, self.dtype,
-                              self.attention_impl, name="attn")(h, bias, deterministic=deterministic)
+                              self.attention_impl, name="attn")(h, key_mask, deterministic=deterministic)
         h = norm("norm2")(x)
         h = nn.Dense(width * self.mlp_ratio, dtype=self.dtype, param_dtype=jnp.float32, name="fc1")(h)
         h = nn.gelu(h, approximate=False)  # diffusers activation_fn="gelu" is the exact GELU
@@ -142,7 +138,7 @@ class PriorTransformer(nn.Module):
       remat_policy: what a rematerialised block keeps: "full" (nothing: every op is
         recomputed) or "dots" (the outputs of its weight matmuls: the backward pass
         recomputes only the cheap elementwise ops and attention, for more memory).
-      attention_impl: passed to ``dot_product_attention`` ("xla", "cudnn", "auto").
+      attention_impl: passed to ``dot_product_attention`` ("xla", "cudnn", "splash", "auto").
     """
     num_heads: int = 32
     head_dim: int = 64
@@ -209,12 +205,12 @@ class PriorTransformer(nn.Module):
         pos = self.param("positional_embedding", init, (1, self.seq_len, width), jnp.float32)
         h = tokens + pos.astype(dtype)
 
-        bias = causal_text_bias(text_mask)
+        key_mask = sequence_key_mask(text_mask)
         block = (nn.remat(PriorBlock, static_argnums=(3,), policy=remat_policy(self.remat_policy))
                  if self.remat else PriorBlock)
         for i in range(self.num_layers):
             h = block(self.num_heads, self.head_dim, self.mlp_ratio, self.dropout, self.norm_eps,
-                      dtype, self.attention_impl, name=f"block_{i}")(h, bias, not train)
+                      dtype, self.attention_impl, name=f"block_{i}")(h, key_mask, not train)
         h = nn.LayerNorm(epsilon=self.norm_eps, dtype=dtype, param_dtype=jnp.float32,
                          name="norm_out")(h[:, -1])
         return dense(self.embed_dim, "proj_out")(h).astype(jnp.float32)

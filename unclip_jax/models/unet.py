@@ -77,7 +77,7 @@ class UNet(nn.Module):
       remat_policy: what a rematerialised block keeps (``unclip_jax.models.remat``):
         "full" (nothing), "dots" (Dense outputs) or "convs" (convolution and Dense
         outputs: the backward pass recomputes only norms, activations and attention).
-      attention_impl: "xla", "cudnn" or "auto", passed to ``dot_product_attention``.
+      attention_impl: "xla", "cudnn", "splash" or "auto", passed to ``dot_product_attention``.
     """
     in_channels: int = 3
     out_channels: int = 6

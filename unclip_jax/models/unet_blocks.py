@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from unclip_jax.models.attention import dot_product_attention, mask_to_bias
+from unclip_jax.models.attention import dot_product_attention
 from unclip_jax.models.remat import remat_policy
 
 Dtype = Any
@@ -175,7 +175,7 @@ class AttentionBlock(nn.Module):
             return nn.Dense(c, dtype=self.dtype, name=name)(y).reshape(b, y.shape[1], heads, self.head_channels)
 
         q, k, v = proj("to_q", u), proj("to_k", u), proj("to_v", u)
-        bias = None
+        key_mask = None
         if self.context_dim is not None:
             if context is None:
                 raise ValueError("this attention block was built with context_dim but got no context")
@@ -183,8 +183,8 @@ class AttentionBlock(nn.Module):
             v = jnp.concatenate([proj("add_v_proj", context), v], axis=1)
             if context_mask is not None:
                 image_keys = jnp.ones((b, hgt * wid), dtype=bool)
-                bias = mask_to_bias(jnp.concatenate([context_mask.astype(bool), image_keys], axis=1))
-        out = dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
+                key_mask = jnp.concatenate([context_mask.astype(bool), image_keys], axis=1)
+        out = dot_product_attention(q, k, v, key_mask=key_mask, implementation=self.attention_impl)
         out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out.reshape(b, hgt * wid, c))
         return x + out.reshape(b, hgt, wid, c)
 

@@ -210,7 +210,8 @@ class Trainer:
         key = jax.random.key(int(self.config.train.seed))
         source = self.config.train.get("init_from", "")
         if not source:
-            return jax.jit(self.init_fn, out_shardings=self.shardings)(key)
+            with jax.set_mesh(self.mesh):
+                return jax.jit(self.init_fn, out_shardings=self.shardings)(key)
         params = load_init_params(source, self.abstract.params)
         use_ema = self.abstract.ema_params is not None
         # Every process holds the whole file; each device takes its shard of it (works on
@@ -221,7 +222,8 @@ class Trainer:
 
         def from_params(key, params):
             return state_lib.state_from_params(params, jax.random.split(key)[1], self.tx, use_ema)
-        return jax.jit(from_params, out_shardings=self.shardings)(key, params)
+        with jax.set_mesh(self.mesh):
+            return jax.jit(from_params, out_shardings=self.shardings)(key, params)
 
     def restore_target(self):
         return state_lib.abstract_with_shardings(self.abstract, self.shardings)
@@ -233,13 +235,15 @@ class Trainer:
     def compile(self, state, batch) -> float:
         """Compiles the step ahead of time for these shapes; returns seconds taken."""
         start = time.perf_counter()
-        self._compiled = self.step_fn.lower(state, batch).compile()
+        with jax.set_mesh(self.mesh):  # the context mesh that splash attention shards over
+            self._compiled = self.step_fn.lower(state, batch).compile()
         return time.perf_counter() - start
 
     def step(self, state, batch):
         """One optimizer step; ``state`` is donated (do not use it afterwards)."""
         fn = self._compiled if self._compiled is not None else self.step_fn
-        return fn(state, batch)
+        with jax.set_mesh(self.mesh):
+            return fn(state, batch)
 
     def eval_params(self, state):
         """The parameters used for samples and evaluation: EMA when kept."""
@@ -594,15 +598,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage: Stage | Non
             if (not preempting and t.eval_every and step % int(t.eval_every) == 0
                     and stage.evaluate is not None):
                 began = time.perf_counter()
-                values = stage.evaluate(trainer.eval_params(state), config)
+                with jax.set_mesh(trainer.mesh):
+                    values = stage.evaluate(trainer.eval_params(state), config)
                 writer.scalars(step, {f"eval/{k}": float(_host_value(v)) for k, v in values.items()})
                 window_start += time.perf_counter() - began
             if (not preempting and t.sample_every and step % int(t.sample_every) == 0
                     and stage.sample_grid is not None):
                 from unclip_jax.image_output import make_grid  # noqa: PLC0415
                 began = time.perf_counter()
-                images = _host_value(stage.sample_grid(trainer.eval_params(state), config,
-                                                       sample_key))
+                with jax.set_mesh(trainer.mesh):
+                    images = _host_value(stage.sample_grid(trainer.eval_params(state), config,
+                                                           sample_key))
                 writer.image(step, "samples", make_grid(images))
                 window_start += time.perf_counter() - began
             if preempting:
