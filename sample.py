@@ -4,6 +4,7 @@
         [--prompt="..." | --prompts_file=F] [--num_images=4] [--seed=0] [--out=samples]
     python sample.py --checkpoint=DIR --variations_of=photo.png --num_images=4
     python sample.py --checkpoint=DIR --interpolate="a red circle,a blue square" --num_images=8
+    python sample.py --checkpoint=DIR --prompt="..." --dtype=bfloat16 --attention=splash   # on a TPU
 
 Writes one PNG per image, ``grid.png`` and ``manifest.json`` (prompt, seed, file and the
 settings of every image) to ``--out``. Settings come from ``--config`` (configs/sample.py)
@@ -31,6 +32,12 @@ _CACHE = flags.DEFINE_string("compilation_cache", None,
                              "Persistent XLA compilation cache directory, so later runs skip compiling "
                              "(default $UNCLIP_JAX_CACHE or ~/.cache/unclip_jax/xla; '' turns it off).")
 _INTERPOLATE = flags.DEFINE_string("interpolate", None, "'A,B': two prompts or two image files to interpolate.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Compute dtype of every network (default: as the checkpoint was saved); "
+                           "bfloat16 on TPUs and GPUs.")
+_ATTENTION = flags.DEFINE_enum("attention", None, ["xla", "cudnn", "splash", "auto"],
+                               "Attention implementation (default: as saved): 'cudnn' flash attention on "
+                               "NVIDIA GPUs, 'splash' on TPUs, 'auto' = cudnn where it applies, else xla.")
 _SHORTHANDS = {
     name: kind(name, None, help_)
     for name, kind, help_ in (
@@ -150,7 +157,7 @@ def main(argv):
                   file=sys.stderr)
     checkpoint = _CHECKPOINT.value or _default_checkpoint()
     try:
-        pipe = pipeline.load_pipeline(checkpoint)
+        pipe = pipeline.load_pipeline(checkpoint, dtype=_DTYPE.value, attention=_ATTENTION.value)
         settings = pipe.settings(**{k: cfg[k] for k in pipeline.DEFAULT_SETTINGS if k in chosen})
     except pipeline.PipelineError as e:
         raise app.UsageError(str(e)) from e

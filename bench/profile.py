@@ -51,7 +51,7 @@ def parse(argv=None):
     ap.add_argument("--batches", default="8")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--param-dtype", default="bfloat16")
-    ap.add_argument("--attention", default="auto", choices=["xla", "auto", "cudnn"])
+    ap.add_argument("--attention", default="auto", choices=["xla", "auto", "cudnn", "splash"])
     ap.add_argument("--cache-dir", default="")
     ap.add_argument("--exported-batches", default="", help="as bench.sampling: load these batches' exported programs")
     ap.add_argument("--trace-dir", required=True)

@@ -56,7 +56,7 @@ def parse(argv=None):
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype")
     ap.add_argument("--param-dtype", default="bfloat16", help="weight storage dtype")
-    ap.add_argument("--attention", default="auto", choices=["xla", "auto", "cudnn"])
+    ap.add_argument("--attention", default="auto", choices=["xla", "auto", "cudnn", "splash"])
     ap.add_argument("--cache-dir", default="", help="persistent compilation cache directory")
     ap.add_argument("--warm-start", action="store_true",
                     help="second process: the cache is expected to hold the programs")

@@ -39,6 +39,20 @@ def test_sample_writes_images_grid_and_manifest(tiny_karlo, tmp_path):
     assert "of which compile" in proc.stderr
 
 
+def test_dtype_and_attention_flags(tiny_karlo, tmp_path):
+    """--dtype/--attention replace every network's saved compute settings: bfloat16 with
+    splash attention (interpreted on CPU) still makes the pictures."""
+    out = tmp_path / "out"
+    proc = _run([f"--checkpoint={tiny_karlo[2]}", "--prompt=a red horse", "--seed=3", f"--out={out}",
+                 "--dtype=bfloat16", "--attention=splash"] + FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.load(open(out / "manifest.json"))
+    image = np.asarray(Image.open(out / manifest["images"][0]["file"]))
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    proc = _run([f"--checkpoint={tiny_karlo[2]}", "--prompt=x", "--attention=flash"])
+    assert proc.returncode != 0 and "--attention" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "no prompt"),
     (["--prompt=x", "--decoder_guidance=-2"], "decoder_guidance"),

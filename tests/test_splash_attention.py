@@ -166,3 +166,57 @@ def test_splash_shards_over_a_mesh_of_8_fake_devices():
     proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("ok") == 3, proc.stdout
+
+
+PIPELINE_ON_8 = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import numpy as np
+    from unclip_jax.models import splash as splash_lib
+    from unclip_jax.pipeline import load_pipeline
+    placements, mesh_specs = [], splash_lib._mesh_specs
+    splash_lib._mesh_specs = lambda *a: placements.append(mesh_specs(*a)) or placements[-1]
+    prompts = ["a red horse", "a blue square", "a small circle", "a green tree"]
+    run = lambda pipe: pipe.text_to_image(prompts, 3, prior_steps=2, decoder_steps=2, upsampler_steps=2)
+    splash = load_pipeline(sys.argv[1], attention="splash")
+    assert splash.clip_config.attention == "splash"
+    assert splash.prior_config["attention_impl"] == "splash"
+    assert splash.decoder_config["unet"]["attention_impl"] == "splash"
+    assert all(up.config["unet"]["attention_impl"] == "splash" for up in splash.upsamplers)
+    xla = load_pipeline(sys.argv[1])
+    a, b = run(splash), run(xla)
+    np.testing.assert_allclose(a["image_embeds"], b["image_embeds"], atol=1e-5)
+    diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
+    assert diff.max() <= 2, diff.max()
+    # Every splash call ran under the pipeline's 8-device mesh (shard_map), none unsharded.
+    assert placements and all(p is not None and p[0].shape["data"] == 8 for p in placements), placements
+    print("ok")
+""")
+
+
+def test_pipeline_with_splash_on_8_fake_devices_matches_xla(tiny_karlo):
+    """The imported tiny Karlo cascade, every network's attention through splash (sharded
+    over the pipeline's mesh): the same embeddings and pictures as the XLA path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", PIPELINE_ON_8, tiny_karlo[2]], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ok" in proc.stdout
+
+
+def test_load_pipeline_compute_settings(tiny_karlo):
+    from unclip_jax.pipeline import PipelineError, load_pipeline
+
+    pipe = load_pipeline(tiny_karlo[2], dtype="bfloat16")
+    assert pipe.clip_config.dtype == "bfloat16" and pipe.prior_config["dtype"] == "bfloat16"
+    assert pipe.decoder_config["unet"]["dtype"] == pipe.decoder_config["text_proj"]["dtype"] == "bfloat16"
+    # Attention kept as saved; parameters stay float32.
+    assert pipe.decoder_config["unet"].get("attention_impl", "xla") == load_pipeline(
+        tiny_karlo[2]).decoder_config["unet"].get("attention_impl", "xla")
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(pipe.decoder_params))
+    out = pipe.text_to_image(["a red horse"], 0, prior_steps=2, decoder_steps=2, upsampler_steps=2)
+    assert out["images"].shape == (1, 64, 64, 3) and out["images"].std() > 0
+    with pytest.raises(PipelineError, match="dtype"):
+        load_pipeline(tiny_karlo[2], dtype="int8")
+    with pytest.raises(PipelineError, match="attention"):
+        load_pipeline(tiny_karlo[2], attention="flash")

@@ -614,9 +614,48 @@ def save_pipeline(out_dir: str, pipe: UnCLIPPipeline, tokenizer_dir: str, *,
                    "null_text": "empty_prompt", "defaults": pipe.defaults}, f, indent=2)
 
 
-def load_pipeline(path: str) -> UnCLIPPipeline:
-    """Reads a pipeline directory; fails with a clear message on a missing or mismatched part."""
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def with_compute_settings(config: dict, dtype: str | None = None, attention: str | None = None) -> dict:
+    """A copy of a stage's config whose networks compute in ``dtype`` with attention
+    ``attention`` (None keeps the saved value). Parameters stay float32 either way.
+
+    A trained stage keeps these under ``model``; an imported decoder or upsampler in
+    ``unet`` (and the decoder's ``text_proj`` for the dtype); an imported prior at the top.
+    """
+    cfg = json.loads(json.dumps(config))
+    settings = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention)) if v is not None}
+    if "model" in cfg:
+        cfg["model"].update(settings)
+    elif "unet" in cfg:
+        cfg["unet"].update(settings)
+        if dtype is not None and "text_proj" in cfg:
+            cfg["text_proj"]["dtype"] = dtype
+    else:
+        cfg.update(settings)
+    return cfg
+
+
+def _check_compute_settings(dtype: str | None, attention: str | None) -> None:
+    from unclip_jax.models.attention import IMPLEMENTATIONS
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise PipelineError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+    if attention is not None and attention not in IMPLEMENTATIONS:
+        raise PipelineError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
+    if attention == "splash" and jax.default_backend() == "gpu":
+        raise PipelineError("attention 'splash' is a TPU kernel; on GPUs use 'cudnn' or 'auto'")
+
+
+def load_pipeline(path: str, *, dtype: str | None = None, attention: str | None = None) -> UnCLIPPipeline:
+    """Reads a pipeline directory; fails with a clear message on a missing or mismatched part.
+
+    ``dtype`` ("float32", "bfloat16", "float16") and ``attention`` ("xla", "cudnn", "splash",
+    "auto") replace every network's saved compute dtype and attention implementation
+    (None keeps them): e.g. ``dtype="bfloat16", attention="splash"`` on a TPU.
+    """
     from unclip_jax.convert.prior import load_prior
+    _check_compute_settings(dtype, attention)
     manifest_path = os.path.join(path, "pipeline.json")
     if not os.path.exists(manifest_path):
         raise PipelineError(f"{path!r} is not a pipeline directory (no pipeline.json). Convert Karlo with "
@@ -634,7 +673,10 @@ def load_pipeline(path: str) -> UnCLIPPipeline:
         comp = manifest["components"]
         tokenizer = load_tokenizer(os.path.join(path, comp["tokenizer"]))
         clip_params, clip_cfg = load_pretrained(os.path.join(path, comp["clip"]))
-        pipe = UnCLIPPipeline(tokenizer, CLIPConfig.from_dict(clip_cfg), clip_params,
+        clip_config = CLIPConfig.from_dict(clip_cfg)
+        clip_config = dataclasses.replace(clip_config, dtype=dtype or clip_config.dtype,
+                                          attention=attention or clip_config.attention)
+        pipe = UnCLIPPipeline(tokenizer, clip_config, clip_params,
                               defaults={**DEFAULT_SETTINGS, **manifest.get("defaults", {})})
         if "prior" in comp:
             pipe.prior_params, pipe.prior_stats, pipe.prior_config = load_prior(os.path.join(path, comp["prior"]))
@@ -648,6 +690,13 @@ def load_pipeline(path: str) -> UnCLIPPipeline:
     except (ConversionError, KeyError, TypeError, OSError, ValueError) as e:  # missing, corrupt or mismatched files
         raise PipelineError(f"cannot load pipeline {path!r}: {e!r}") from e
     _check_fits(pipe)
+    if dtype is not None or attention is not None:
+        if pipe.prior_config is not None:
+            pipe.prior_config = with_compute_settings(pipe.prior_config, dtype, attention)
+        if pipe.decoder_config is not None:
+            pipe.decoder_config = with_compute_settings(pipe.decoder_config, dtype, attention)
+        pipe.upsamplers = [dataclasses.replace(up, config=with_compute_settings(up.config, dtype, attention))
+                           for up in pipe.upsamplers]
     return pipe
 
 
