@@ -170,7 +170,8 @@ def main(argv):
         raise app.UsageError(str(e)) from e
     if jax.process_index() == 0:
         from unclip_jax.image_output import save_images  # noqa: PLC0415
-        save_images(_OUT.value, images, records, {**settings, "checkpoint": os.path.abspath(checkpoint)})
+        compute = {k: v for k, v in (("dtype", _DTYPE.value), ("attention", _ATTENTION.value)) if v is not None}
+        save_images(_OUT.value, images, records, {**settings, **compute, "checkpoint": os.path.abspath(checkpoint)})
         print(f"wrote {len(images)} images, grid.png and manifest.json to {_OUT.value}", file=sys.stderr)
 
 

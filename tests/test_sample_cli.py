@@ -49,6 +49,7 @@ def test_dtype_and_attention_flags(tiny_karlo, tmp_path):
     manifest = json.load(open(out / "manifest.json"))
     image = np.asarray(Image.open(out / manifest["images"][0]["file"]))
     assert image.shape == (64, 64, 3) and image.std() > 0
+    assert manifest["settings"]["dtype"] == "bfloat16" and manifest["settings"]["attention"] == "splash"
     proc = _run([f"--checkpoint={tiny_karlo[2]}", "--prompt=x", "--attention=flash"])
     assert proc.returncode != 0 and "--attention" in proc.stderr and "Traceback" not in proc.stderr
 

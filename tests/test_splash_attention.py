@@ -139,7 +139,8 @@ SHARDED = textwrap.dedent("""
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((8, 81, 4, 16)), jnp.float32) for _ in range(3))
     mask = jnp.arange(81)[None, :] < jnp.asarray([81, 60, 5, 30, 81, 2, 77, 40])[:, None]
-    for data, fsdp, tensor, batch in ((4, 2, 1, 8), (2, 2, 2, 8), (8, 1, 1, 3)):
+    # batch 8 over data x fsdp (heads over tensor), batch 4 over data alone, batch 3 replicated
+    for data, fsdp, tensor, batch in ((4, 2, 1, 8), (2, 2, 2, 8), (4, 2, 1, 4), (8, 1, 1, 3)):
         mesh = parallel.make_mesh(data, fsdp, tensor)
         put = lambda x: jax.device_put(x[:batch], parallel.batch_sharding(mesh) if batch == 8
                                        else parallel.replicated(mesh))
@@ -165,7 +166,7 @@ def test_splash_shards_over_a_mesh_of_8_fake_devices():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("ok") == 3, proc.stdout
+    assert proc.stdout.count("ok") == 4, proc.stdout
 
 
 PIPELINE_ON_8 = textwrap.dedent("""
@@ -188,8 +189,13 @@ PIPELINE_ON_8 = textwrap.dedent("""
     np.testing.assert_allclose(a["image_embeds"], b["image_embeds"], atol=1e-5)
     diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
     assert diff.max() <= 2, diff.max()
-    # Every splash call ran under the pipeline's 8-device mesh (shard_map), none unsharded.
+    # Every splash call ran under the pipeline's 8-device mesh (inside shard_map); the prior's
+    # and decoder's batches (padded to 8) and CLIP's 8 prompts split over it, the empty
+    # prompt's batch of 1 ran replicated.
     assert placements and all(p is not None and p[0].shape["data"] == 8 for p in placements), placements
+    assert sum(p[1][0] is not None for p in placements) >= 3, placements
+    splash.encode_text(prompts * 2)
+    assert placements[-1][1][0] in ("data", ("data",)), placements[-1]
     print("ok")
 """)
 
@@ -204,12 +210,55 @@ def test_pipeline_with_splash_on_8_fake_devices_matches_xla(tiny_karlo):
     assert "ok" in proc.stdout
 
 
+TWO_PROCESSES = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from unclip_jax import parallel
+    assert parallel.init_distributed(f"localhost:{sys.argv[2]}", 2, int(sys.argv[3]))
+    import jax
+    from unclip_jax.pipeline import load_pipeline
+    assert jax.device_count() == 4
+    pipe = load_pipeline(sys.argv[1], attention="splash")
+    out = pipe.text_to_image(["a red horse", "a blue square", "a small circle", "a green tree"], 5,
+                             prior_steps=2, decoder_steps=2, upsampler_steps=2)
+    np.save(sys.argv[4], out["images"])
+""")
+
+
+def test_pipeline_with_splash_on_two_processes(tiny_karlo, tmp_path):
+    """Two processes with 2 devices each: splash's shard_map spans both, CLIP included (4
+    prompts on 4 devices); every process gets the pictures of the 1-device XLA run."""
+    from tests.test_train_multiprocess import _free_port
+    from unclip_jax.pipeline import load_pipeline
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    port = str(_free_port())
+    paths = [str(tmp_path / f"images_{i}.npy") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, tiny_karlo[2], port, str(i), paths[i]],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    want = load_pipeline(tiny_karlo[2]).text_to_image(
+        ["a red horse", "a blue square", "a small circle", "a green tree"], 5,
+        prior_steps=2, decoder_steps=2, upsampler_steps=2)["images"]
+    for path in paths:
+        diff = np.abs(np.load(path).astype(int) - want.astype(int))
+        assert diff.max() <= 4 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
 def test_load_pipeline_compute_settings(tiny_karlo):
     from unclip_jax.pipeline import PipelineError, load_pipeline
 
     pipe = load_pipeline(tiny_karlo[2], dtype="bfloat16")
     assert pipe.clip_config.dtype == "bfloat16" and pipe.prior_config["dtype"] == "bfloat16"
     assert pipe.decoder_config["unet"]["dtype"] == pipe.decoder_config["text_proj"]["dtype"] == "bfloat16"
+    assert pipe.upsamplers and all(up.config["unet"]["dtype"] == "bfloat16" for up in pipe.upsamplers)
     # Attention kept as saved; parameters stay float32.
     assert pipe.decoder_config["unet"].get("attention_impl", "xla") == load_pipeline(
         tiny_karlo[2]).decoder_config["unet"].get("attention_impl", "xla")
@@ -220,3 +269,5 @@ def test_load_pipeline_compute_settings(tiny_karlo):
         load_pipeline(tiny_karlo[2], dtype="int8")
     with pytest.raises(PipelineError, match="attention"):
         load_pipeline(tiny_karlo[2], attention="flash")
+    with pytest.raises(PipelineError, match="needs an NVIDIA GPU"):
+        load_pipeline(tiny_karlo[2], attention="cudnn")

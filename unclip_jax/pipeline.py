@@ -129,6 +129,11 @@ def example_noise(key: jax.Array, indices: jax.Array, shape: tuple[int, ...], st
 
 # ----------------------------------------------------------------------------- pipeline
 
+def _local(x: jax.Array) -> jax.Array:
+    """This process's copy of a replicated array, as an ordinary single-device array."""
+    return jnp.asarray(np.asarray(x))
+
+
 def _on_own_mesh(method):
     """Runs a model-calling method with the pipeline's mesh as JAX's context mesh: splash
     attention (a TPU kernel that GSPMD cannot partition) shards itself over that mesh."""
@@ -165,10 +170,15 @@ class UnCLIPPipeline:
     def __post_init__(self):
         self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
         self._clip = CLIPModel(self.clip_config)
+        # CLIP runs replicated on the mesh (one program over all processes' devices, which
+        # splash attention needs); callers get host-local copies of its small outputs.
+        everywhere = NamedSharding(self.mesh, P())
         self._encode_text = jax.jit(lambda p, ids: self._clip.apply({"params": p}, ids, None,
-                                                                    method=CLIPModel.encode_text))
+                                                                    method=CLIPModel.encode_text),
+                                    out_shardings=everywhere)
         self._encode_image = jax.jit(lambda p, px: self._clip.apply({"params": p}, px,
-                                                                    method=CLIPModel.encode_image))
+                                                                    method=CLIPModel.encode_image),
+                                     out_shardings=everywhere)
         self._replicated: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ placement
@@ -187,6 +197,11 @@ class UnCLIPPipeline:
         spec[axis] = "data"
         sharding = NamedSharding(self.mesh, P(*spec))
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    def _everywhere(self, x) -> jax.Array:
+        """A host array (identical on every process) replicated on every device of the mesh."""
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P()), lambda idx: x[idx])
 
     def _replicate(self, name: str, tree):
         if name not in self._replicated:
@@ -250,8 +265,9 @@ class UnCLIPPipeline:
         positions are masked by the prior and the decoder.
         """
         tokens = self.tokenize(prompts)
-        embed, hidden = self._encode_text(self.clip_params, jnp.asarray(tokens.input_ids))
-        return TextEncoding(embed, hidden, jnp.asarray(tokens.attention_mask))
+        embed, hidden = self._encode_text(self._replicate("clip", self.clip_params),
+                                          self._everywhere(tokens.input_ids))
+        return TextEncoding(_local(embed), _local(hidden), jnp.asarray(tokens.attention_mask))
 
     @_on_own_mesh
     def encode_image(self, images: Sequence[np.ndarray]) -> jax.Array:
@@ -262,7 +278,8 @@ class UnCLIPPipeline:
                                 "(convert a full CLIP with `python -m unclip_jax.convert.clip` and pass "
                                 "it as the pipeline's clip)")
         size = self.clip_config.vision.image_size
-        return self._encode_image(self.clip_params, jnp.asarray(preprocess_images(list(images), size=size)))
+        pixels = preprocess_images(list(images), size=size)
+        return _local(self._encode_image(self._replicate("clip", self.clip_params), self._everywhere(pixels)))
 
     def _null_text(self) -> TextEncoding:
         if not hasattr(self, "_null"):
@@ -643,8 +660,12 @@ def _check_compute_settings(dtype: str | None, attention: str | None) -> None:
         raise PipelineError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
     if attention is not None and attention not in IMPLEMENTATIONS:
         raise PipelineError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
-    if attention == "splash" and jax.default_backend() == "gpu":
+    backend = jax.default_backend()
+    if attention == "splash" and backend == "gpu":
         raise PipelineError("attention 'splash' is a TPU kernel; on GPUs use 'cudnn' or 'auto'")
+    if attention == "cudnn" and backend != "gpu":
+        raise PipelineError(f"attention 'cudnn' needs an NVIDIA GPU (this is {backend}); use 'auto', "
+                            "which falls back to 'xla', or 'splash' on a TPU")
 
 
 def load_pipeline(path: str, *, dtype: str | None = None, attention: str | None = None) -> UnCLIPPipeline:
@@ -652,7 +673,8 @@ def load_pipeline(path: str, *, dtype: str | None = None, attention: str | None 
 
     ``dtype`` ("float32", "bfloat16", "float16") and ``attention`` ("xla", "cudnn", "splash",
     "auto") replace every network's saved compute dtype and attention implementation
-    (None keeps them): e.g. ``dtype="bfloat16", attention="splash"`` on a TPU.
+    (None keeps them): e.g. ``dtype="bfloat16", attention="splash"`` on a TPU. They live in
+    the stage configs, so ``save_pipeline`` writes them out with the rest.
     """
     from unclip_jax.convert.prior import load_prior
     _check_compute_settings(dtype, attention)

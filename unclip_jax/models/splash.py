@@ -24,8 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from unclip_jax.parallel import BATCH_AXES
+
 LANE = 128
-_BATCH_AXES = ("data", "fsdp")   # as unclip_jax.parallel.BATCH_AXES
 _HEAD_AXIS = "tensor"
 
 
@@ -62,13 +63,16 @@ def _mesh_specs(batch: int, heads: int):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(mesh.shape.values()) == 1:
         return None
-    P = jax.sharding.PartitionSpec
-    batch_axes = tuple(a for a in _BATCH_AXES if a in mesh.shape)
-    batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
     head_axis = _HEAD_AXIS if _HEAD_AXIS in mesh.shape and heads % mesh.shape[_HEAD_AXIS] == 0 else None
-    # An uneven batch (e.g. batch 1 on 8 devices) runs replicated: correct, if not parallel.
-    batch_spec = batch_axes if batch_axes and batch % batch_shards == 0 else None
-    return mesh, P(batch_spec, head_axis)
+    # The batch splits over all batch axes, else over 'data' alone; a batch that neither
+    # divides (e.g. 1 on 8 devices) runs replicated: correct, if not parallel.
+    all_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    batch_spec = None
+    for axes in (all_axes, all_axes[:1]):
+        if axes and batch % math.prod(mesh.shape[a] for a in axes) == 0:
+            batch_spec = axes
+            break
+    return mesh, jax.sharding.PartitionSpec(batch_spec, head_axis)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -95,7 +99,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if key_mask is not None and key_mask.shape != (b, kv_len):
         raise ValueError(f"key_mask {key_mask.shape} must be (B, Lk) = {(b, kv_len)}")
     dtype = q.dtype
-    q = q * jnp.asarray(head_dim ** -0.5 if scale is None else scale, dtype)
+    # The kernel takes no scale: q is scaled first (in float32, then rounded back to its
+    # dtype: exact for power-of-two scales such as 1/8 at head size 64).
+    q = (q.astype(jnp.float32) * (head_dim ** -0.5 if scale is None else scale)).astype(dtype)
     key_mask = jnp.ones((b, kv_len), bool) if key_mask is None else key_mask.astype(bool)
 
     q_pad, kv_pad = _round_up(q_len, LANE) - q_len, _round_up(kv_len, LANE) - kv_len
