@@ -23,13 +23,16 @@ import numpy as np
 from bench.arch import PROMPT, SAMPLING, write_char_vocab
 
 
-def make_cascade(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SAMPLING) -> Callable:
-    """``cascade(params, ids, mask, null_ids, null_mask, seed) -> images (B, S, S, 3)``, jitted.
+def cascade_stages(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SAMPLING) -> dict[str, Callable]:
+    """The cascade's four stages as plain functions (not jitted), in order:
 
-    ``ids``/``mask`` (B, 77) int32/bool: the prompts' tokens and real-token mask;
-    ``null_ids``/``null_mask`` (1, 77): the "" prompt's; ``seed`` an int32 scalar (the PRNG
-    key is made inside, so the program has only plain array arguments and can be exported
-    with ``jax.export``). Images are float32 in [0, 1], as ``UnCLIPPipeline(output_type="np")``.
+    * ``clip_text(params, ids, null_ids) -> (text_embed, text_hidden, null_embed, null_hidden)``
+    * ``prior(params, text_embed, text_hidden, mask, null_embed, null_hidden, null_mask, key) -> z_i``
+    * ``decoder(params, z_i, text_embed, text_hidden, mask, null_embed, null_hidden, null_mask, key) -> low``
+    * ``super_res(params, low, key) -> images`` in [0, 1]
+
+    ``params`` is the whole stack's dict; :func:`make_cascade` chains them into one program,
+    :func:`stage_compile_times` compiles each alone.
     """
     from unclip_jax.models.clip import CLIPModel
     from unclip_jax.stages.decoder import sample_decoder
@@ -40,31 +43,83 @@ def make_cascade(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SA
     prior_cfg, dec_cfg, sr_cfg = configs["prior"], configs["decoder"], configs["super_res"]
     sr_size = int(sr_cfg["sample_size"])
 
-    def encode(params, ids):
-        return clip.apply({"params": params}, ids, None, method="encode_text")
+    def clip_text(params, ids, null_ids):
+        encode = lambda x: clip.apply({"params": params["clip"]}, x, None, method="encode_text")
+        return (*encode(ids), *encode(null_ids))
+
+    def prior(params, text_embed, text_hidden, mask, null_embed, null_hidden, null_mask, key):
+        return sample_prior(params["prior"], params["prior_stats"], prior_cfg, text_embed, text_hidden, mask,
+                            null_embed, null_hidden, null_mask, key, steps=sampling["prior_steps"],
+                            guidance_scale=sampling["prior_guidance"], clip_range=sampling["prior_clip_range"],
+                            best_of_n=1)
+
+    def decoder(params, z_i, text_embed, text_hidden, mask, null_embed, null_hidden, null_mask, key):
+        return sample_decoder(params["decoder"], dec_cfg, z_i, text_embed, text_hidden, mask, key,
+                              steps=sampling["decoder_steps"], guidance_scale=sampling["decoder_guidance"],
+                              null_text_embed=null_embed, null_text_hidden=null_hidden, null_text_mask=null_mask)
+
+    def super_res(params, low, key):
+        high = sample_upsampler(params["sr_first"], params["sr_last"], sr_cfg, low, key,
+                                steps=sampling["super_res_steps"], out_size=sr_size)
+        return jnp.clip(high * 0.5 + 0.5, 0.0, 1.0).astype(jnp.float32)
+
+    return {"clip_text": clip_text, "prior": prior, "decoder": decoder, "super_res": super_res}
+
+
+def make_cascade(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SAMPLING) -> Callable:
+    """``cascade(params, ids, mask, null_ids, null_mask, seed) -> images (B, S, S, 3)``, jitted.
+
+    ``ids``/``mask`` (B, 77) int32/bool: the prompts' tokens and real-token mask;
+    ``null_ids``/``null_mask`` (1, 77): the "" prompt's; ``seed`` an int32 scalar (the PRNG
+    key is made inside, so the program has only plain array arguments and can be exported
+    with ``jax.export``). Images are float32 in [0, 1], as ``UnCLIPPipeline(output_type="np")``.
+    """
+    stage = cascade_stages(configs, sampling=sampling)
 
     def cascade(params, ids, mask, null_ids, null_mask, seed):
         k_prior, k_dec, k_sr = jax.random.split(jax.random.key(seed), 3)
         # Named scopes put the stage into every op's metadata (bench/profile.py splits a
         # device trace by stage with them); they do not change the computation.
         with jax.named_scope("clip_text"):
-            text_embed, text_hidden = encode(params["clip"], ids)
-            null_embed, null_hidden = encode(params["clip"], null_ids)
+            text_embed, text_hidden, null_embed, null_hidden = stage["clip_text"](params, ids, null_ids)
         with jax.named_scope("prior"):
-            z_i = sample_prior(params["prior"], params["prior_stats"], prior_cfg, text_embed, text_hidden, mask,
-                               null_embed, null_hidden, null_mask, k_prior, steps=sampling["prior_steps"],
-                               guidance_scale=sampling["prior_guidance"], clip_range=sampling["prior_clip_range"],
-                               best_of_n=1)
+            z_i = stage["prior"](params, text_embed, text_hidden, mask, null_embed, null_hidden, null_mask, k_prior)
         with jax.named_scope("decoder"):
-            low = sample_decoder(params["decoder"], dec_cfg, z_i, text_embed, text_hidden, mask, k_dec,
-                                 steps=sampling["decoder_steps"], guidance_scale=sampling["decoder_guidance"],
-                                 null_text_embed=null_embed, null_text_hidden=null_hidden, null_text_mask=null_mask)
+            low = stage["decoder"](params, z_i, text_embed, text_hidden, mask, null_embed, null_hidden, null_mask,
+                                   k_dec)
         with jax.named_scope("super_res"):
-            high = sample_upsampler(params["sr_first"], params["sr_last"], sr_cfg, low, k_sr,
-                                    steps=sampling["super_res_steps"], out_size=sr_size)
-        return jnp.clip(high * 0.5 + 0.5, 0.0, 1.0).astype(jnp.float32)
+            return stage["super_res"](params, low, k_sr)
 
     return jax.jit(cascade)
+
+
+def stage_compile_times(configs: Mapping[str, Any], cascade_args: tuple) -> dict[str, dict[str, float]]:
+    """Seconds of tracing+lowering and of compiling each stage as its own program, given the
+    cascade's arguments (arrays or ``ShapeDtypeStruct``); each stage's inputs are the
+    shapes the previous stage returns. With no persistent cache this splits a cold compile
+    of the whole cascade by stage (one program per stage compiles a little more in all:
+    nothing is fused across stages)."""
+    stage = cascade_stages(configs)
+    params, ids, mask, null_ids, null_mask, seed = cascade_args
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype)
+    shape = lambda f, *a: jax.eval_shape(f, *a)
+    text = shape(stage["clip_text"], params, ids, null_ids)
+    embed, hidden, null_embed, null_hidden = text
+    z_i = shape(stage["prior"], params, embed, hidden, mask, null_embed, null_hidden, null_mask, key)
+    low = shape(stage["decoder"], params, z_i, embed, hidden, mask, null_embed, null_hidden, null_mask, key)
+    inputs = {"clip_text": (params, ids, null_ids),
+              "prior": (params, embed, hidden, mask, null_embed, null_hidden, null_mask, key),
+              "decoder": (params, z_i, embed, hidden, mask, null_embed, null_hidden, null_mask, key),
+              "super_res": (params, low, key)}
+    times = {}
+    for name, args in inputs.items():
+        t0 = time.perf_counter()
+        lowered = jax.jit(stage[name]).lower(*args)
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        times[name] = {"trace_lower_s": round(t1 - t0, 3), "compile_s": round(t2 - t1, 3)}
+    return times
 
 
 class Prompts:

@@ -24,6 +24,8 @@
 #   ours_xla           ours with attention implementation 'xla' at batch 8  (~90 s)
 #   ours_fastnorm      ours with one-pass GroupNorm statistics (--fast-norm) at batch 8 (~90 s)
 #   diffusers_compile  diffusers fp16 + torch.compile at batch 8            (~200 s+)
+#   ours_stage_compile (only when BENCH_PARTS names it) each stage compiled as its own
+#                      program at batch 8, no cache: where a cold compile spends its time (~90 s)
 #
 # Environment: BENCH_PARTS (space-separated subset, default all), BENCH_BUDGET_S,
 # BENCH_BATCHES (sampling batches of diffusers_eager and ours_cold, e.g. 8,32),
@@ -118,6 +120,8 @@ run_part ours_xla 90 150 python3 -m bench.sampling $OURS --batches $EXPORT_B --r
   --out "$OUT/ours_xla.jsonl"
 run_part ours_fastnorm 90 150 python3 -m bench.sampling $OURS --batches $EXPORT_B --reps $REPS --attention auto \
   --fast-norm --no-flops --out "$OUT/ours_fastnorm.jsonl"
+run_part ours_stage_compile 90 150 python3 -m bench.sampling $OURS --batches $EXPORT_B --attention auto \
+  --compile-by-stage --out "$OUT/ours_stage_compile.jsonl"
 run_part diffusers_compile 180 300 python3 -m bench.anchor_diffusers_unclip $DIFF --batches $COMPILE_B --reps $REPS \
   --compile --out "$OUT/diffusers_compile.jsonl"
 

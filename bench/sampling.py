@@ -28,6 +28,10 @@ text_to_image`` (one jitted program per stage, per-example noise, uint8 images) 
 weights and settings (one prior candidate, as diffusers): ``compile`` then holds the first
 call's XLA compile seconds (``jax.monitoring``) and its wall time.
 
+``--compile-by-stage`` only compiles CLIP, the prior, the decoder and the super-res stage
+each as its own program (no cache) and prints one ``stage_compile`` line per batch: where a
+cold compile of the cascade spends its time.
+
 ``--fast-norm`` builds the UNets with one-pass GroupNorm statistics (an A/B of
 ``UNet.norm_fast_variance``: one read of each activation for the statistics instead of two).
 
@@ -67,6 +71,9 @@ def parse(argv=None):
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (saves a trace)")
     ap.add_argument("--api", default="cascade", choices=["cascade", "pipeline"],
                     help="cascade: bench/cascade.py, one jitted program; pipeline: unclip_jax.pipeline")
+    ap.add_argument("--compile-by-stage", action="store_true",
+                    help="only compile each stage (CLIP, prior, decoder, super-res) as its own program "
+                         "per batch and report the seconds (no persistent cache: a cold compile split by stage)")
     ap.add_argument("--out", default="")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -104,6 +111,14 @@ def main(argv=None):
     tok_dir = tokenizer_files(os.path.join(args.cache_dir or "/tmp", "bench_tokenizer"))
     runner = Runner(configs, params, Prompts(tok_dir), seed=args.seed)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.compile_by_stage:
+        from bench.cascade import stage_compile_times
+        if args.cache_dir:
+            raise SystemExit("--compile-by-stage times cold compiles: leave out --cache-dir")
+        for b in batches:
+            emit.guard(f"stage compile batch {b}", lambda: emit(
+                "stage_compile", batch=b, stages=stage_compile_times(configs, runner.abstract_args(b))), batch=b)
+        return
     if args.api == "pipeline":
         for b in batches:
             emit.guard(f"pipeline API batch {b}", lambda: pipeline_batch(args, emit, configs, params, runner, b),

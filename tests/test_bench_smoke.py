@@ -177,3 +177,20 @@ def test_training_bench_runs_a_stage_config_file(tmp_path):
     run = next(r for r in records if r["kind"] == "training")
     assert run["batch"] == 2 and run["sec_per_step"] > 0 and run["achieved_tflops"] > 0
     assert next(r for r in records if r["kind"] == "setup")["setting"] == "train decoder configs/shapes_decoder.py:tiny"
+
+
+def test_sampling_bench_times_the_tiny_cascade_and_splits_its_compile(tmp_path):
+    """``bench.sampling`` at tiny size on CPU: the whole cascade compiles and makes finite images;
+    ``--compile-by-stage`` compiles its four stages one by one."""
+    from bench import sampling
+    out = tmp_path / "ours.jsonl"
+    common = ["--size", "tiny", "--dtype", "float32", "--param-dtype", "float32", "--batches", "1",
+              "--out", str(out)]
+    sampling.main(common + ["--reps", "1", "--no-flops"])
+    sampling.main(common + ["--compile-by-stage"])
+    records = [json.loads(line) for line in open(out)]
+    run = next(r for r in records if r["kind"] == "sampling")
+    assert run["finite"] and run["shape"] == [1, 64, 64, 3] and run["images_per_s"] > 0
+    stages = next(r for r in records if r["kind"] == "stage_compile")["stages"]
+    assert list(stages) == ["clip_text", "prior", "decoder", "super_res"]
+    assert all(s["compile_s"] > 0 for s in stages.values())
