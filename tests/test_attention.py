@@ -59,3 +59,22 @@ def test_padding_odd_lengths_to_even_changes_nothing():
         for f in (padded, remat):
             for a, b in zip(jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v), g_plain):
                 np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_long_attention_on_cpu_runs_in_query_blocks_with_the_same_result():
+    # On CPU the XLA path attends 64 queries at a time (cache-friendly); 200 queries pad the
+    # last block. Outputs and gradients equal one call over all queries.
+    from unclip_jax.models.attention import CPU_QUERY_CHUNK
+    assert jax.default_backend() == "cpu" and 200 % CPU_QUERY_CHUNK
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((2, 200, 3, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 230, 3, 8)), jnp.float32) for _ in range(2))
+    mask = jnp.arange(230)[None, :] < jnp.asarray([230, 17])[:, None]
+    ours = lambda q, k, v: dot_product_attention(q, k, v, key_mask=mask)
+    whole = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=mask_to_bias(mask))
+    assert "scan" in primitive_counts(jax.make_jaxpr(ours)(q, k, v).jaxpr)
+    np.testing.assert_allclose(ours(q, k, v), whole(q, k, v), atol=1e-6)
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+    for a, b in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss(whole), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
