@@ -5,7 +5,7 @@ with no flags, ``sample.py`` needs only a prompt, and its samples for a fixed pr
 The test holds the shipped model to issue 8's oracle thresholds (colour 0.90, shape 0.75,
 size 0.75, position 0.75) and its CLIP to the zero-shot target (0.90). On these 48 prompts
 it scored colour 0.968, shape 0.952, size 1.000, position 0.968 when it was shipped
-(session 18: ``python -m unclip_jax.recipe --finetune`` in one go, sessions 16-17: the
+(session 18, code at 7109cc5: ``python -m unclip_jax.recipe --finetune`` in one go, sessions 16-17: the
 recipe and its fine-tuning legs; 50 decoder steps and the best of 4 images by CLIP). On 200
 prompts it scores 0.947 / 0.943 / 0.989 / 0.964 (README). Its CLIP, the same bytes as the
 CLIP shipped in session 14, reads colour 1.00 and shape 0.953 on the 300 held-out images
