@@ -75,7 +75,21 @@ def jax_device_info() -> dict[str, Any]:
     import jax
     d = jax.devices()[0]
     return {"backend": jax.default_backend(), "device_kind": d.device_kind, "device_count": jax.device_count(),
-            "platform_version": getattr(d.client, "platform_version", None)}
+            "platform_version": getattr(d.client, "platform_version", None), **host_cpu()}
+
+
+def host_cpu() -> dict[str, Any]:
+    """The host CPU's model name and vector extensions (Linux ``/proc/cpuinfo``; empty
+    elsewhere): CPU timings differ across machines by more than the ratios they measure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return {}
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                               if line.startswith(name)), "")
+    simd = sorted({flag for flag in field("flags").split() if flag.startswith(("avx", "amx", "fma"))})
+    return {"cpu_model": field("model name"), "cpu_simd": " ".join(simd)}
 
 
 def memory_stats() -> dict[str, Any] | None:
