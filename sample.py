@@ -17,6 +17,7 @@ import sys
 from absl import app, flags, logging
 
 from unclip_jax import config as config_lib
+from unclip_jax.compute_options import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_lib.define_config_flag()
@@ -32,10 +33,10 @@ _CACHE = flags.DEFINE_string("compilation_cache", None,
                              "Persistent XLA compilation cache directory, so later runs skip compiling "
                              "(default $UNCLIP_JAX_CACHE or ~/.cache/unclip_jax/xla; '' turns it off).")
 _INTERPOLATE = flags.DEFINE_string("interpolate", None, "'A,B': two prompts or two image files to interpolate.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+_DTYPE = flags.DEFINE_enum("dtype", None, list(COMPUTE_DTYPES),
                            "Compute dtype of every network (default: as the checkpoint was saved); "
                            "bfloat16 on TPUs and GPUs.")
-_ATTENTION = flags.DEFINE_enum("attention", None, ["xla", "cudnn", "splash", "auto"],
+_ATTENTION = flags.DEFINE_enum("attention", None, list(ATTENTION_IMPLEMENTATIONS),
                                "Attention implementation (default: as saved): 'cudnn' flash attention on "
                                "NVIDIA GPUs, 'splash' on TPUs, 'auto' = cudnn where it applies, else xla.")
 _SHORTHANDS = {

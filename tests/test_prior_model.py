@@ -155,9 +155,11 @@ def test_remat_policies_change_recompute_not_gradients():
     # batched products per layer (its Dense outputs are kept).
     assert dots["none"] < dots["dots"] < dots["full"]
     assert dots["dots"] - dots["none"] == 2 * config["num_layers"]
+    # Recomputing changes XLA's fusions, so float32 rounding: on an AVX2-only CPU a gradient
+    # entry of 2e-3 moved by one ulp of the ~1 entries it is summed from (1.2e-7).
     for name in ("full", "dots"):
         for a, b in zip(jax.tree_util.tree_leaves(grads[name]), jax.tree_util.tree_leaves(grads["none"])):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="remat_policy"):
         init_prior_params(prior_from_config(config, remat=True, remat_policy="everything"), jax.random.key(0))
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.subprocesses import assert_same_pictures, run_two_processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--prior_steps=2", "--decoder_steps=2", "--upsampler_steps=2"]
 
@@ -121,16 +123,6 @@ np.save(sys.argv[2], out["images"])
 """
 
 
-def _assert_same_pictures(images, reference):
-    # Another split of the batch rounds differently (float32 rounding, ~1e-7), and the tiny
-    # random-weight cascade amplifies that: most pixels move by a level or none, a rare one
-    # more (2 of 49,152 by up to 117 levels at 8 devices since CPU attention runs in query
-    # blocks, session 18; 3 levels before), never a picture.
-    diff = np.abs(images.astype(int) - reference.astype(int))
-    assert images.shape == reference.shape, (images.shape, reference.shape)
-    assert (diff > 4).mean() <= 1e-4 and diff.mean() < 0.01, ((diff > 4).sum(), diff.max(), diff.mean())
-
-
 def test_same_seed_same_images_on_1_and_8_devices_and_two_processes(tiny_karlo, tmp_path):
     def command(path, devices, *extra):
         return [sys.executable, "-c", _DEVICES_SCRIPT, tiny_karlo[2], path, str(devices), *extra]
@@ -144,25 +136,16 @@ def test_same_seed_same_images_on_1_and_8_devices_and_two_processes(tiny_karlo, 
         results.append(np.load(path))
     assert results[0].shape == (4, 64, 64, 3)
     # Batch padding differs (4 vs 8 rows) and the batch is split over devices: same pictures.
-    _assert_same_pictures(results[1], results[0])
+    assert_same_pictures(results[1], results[0])
 
     # Two processes with 2 devices each (a multi-host TPU slice in miniature), 4 prompts on
     # 4 devices: no padding row, so each stage's output is split over the processes and each
     # process holds only its devices' rows; the pipeline has to gather them.
-    from tests.test_train_multiprocess import _free_port
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    port = str(_free_port())
     paths = [str(tmp_path / f"images_process{i}.npy") for i in range(2)]
-    procs = [subprocess.Popen(command(paths[i], 4, port, str(i)), cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    run_two_processes(lambda port, i: command(paths[i], 4, port, str(i)), env)
     for path in paths:
-        _assert_same_pictures(np.load(path), results[0])
+        assert_same_pictures(np.load(path), results[0])
 
 
 def test_prompts_file_interpolation_and_variations_with_the_shipped_model(tmp_path):

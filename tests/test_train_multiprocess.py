@@ -4,7 +4,6 @@ together, checkpoint, restore and continue, and stop together on SIGTERM."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.subprocesses import free_port
 from tests.train_scripts.multiprocess_worker import multiprocess_config
 from unclip_jax.train import checkpoint as ckpt_lib
 from unclip_jax.train import loop
@@ -32,14 +32,8 @@ def env(tmp_path_factory):
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _start_workers(tmp_path, env, workdir, *mode):
-    port, procs, logs = _free_port(), [], []
+    port, procs, logs = free_port(), [], []
     for i in range(2):
         logs.append(tmp_path / f"process{i}.log")
         procs.append(subprocess.Popen(

@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from unclip_jax import latent_math
+from unclip_jax.compute_options import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES
 from unclip_jax.convert.common import ConversionError, load_pretrained, save_pretrained
 from unclip_jax.image_output import to_uint8
 from unclip_jax.models.clip import CLIPConfig, CLIPModel
@@ -631,9 +632,6 @@ def save_pipeline(out_dir: str, pipe: UnCLIPPipeline, tokenizer_dir: str, *,
                    "null_text": "empty_prompt", "defaults": pipe.defaults}, f, indent=2)
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
 def with_compute_settings(config: dict, dtype: str | None = None, attention: str | None = None) -> dict:
     """A copy of a stage's config whose networks compute in ``dtype`` with attention
     ``attention`` (None keeps the saved value). Parameters stay float32 either way.
@@ -655,11 +653,10 @@ def with_compute_settings(config: dict, dtype: str | None = None, attention: str
 
 
 def _check_compute_settings(dtype: str | None, attention: str | None) -> None:
-    from unclip_jax.models.attention import IMPLEMENTATIONS
     if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise PipelineError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
-    if attention is not None and attention not in IMPLEMENTATIONS:
-        raise PipelineError(f"attention must be one of {IMPLEMENTATIONS}, got {attention!r}")
+    if attention is not None and attention not in ATTENTION_IMPLEMENTATIONS:
+        raise PipelineError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
     backend = jax.default_backend()
     if attention == "splash" and backend == "gpu":
         raise PipelineError("attention 'splash' is a TPU kernel; on GPUs use 'cudnn' or 'auto'")

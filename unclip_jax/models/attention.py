@@ -12,13 +12,12 @@ boolean ``key_mask`` plus ``is_causal``; splash attention takes only the latter.
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["xla", "cudnn", "splash", "auto"]
-IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
+from unclip_jax.compute_options import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+from unclip_jax.compute_options import AttentionImplementation as Implementation
 
 # Additive bias that the PyTorch references (diffusers, Karlo) use for masked keys.
 # Using the same finite value (not -inf) keeps fully masked rows and parity exact.
@@ -87,7 +86,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       scale: logits scale; 1/sqrt(D) by default.
       implementation: "xla" (portable, the default), "cudnn" (flash attention on
         NVIDIA GPUs; bf16/fp16, D <= 128), "splash" (Pallas flash attention on TPUs;
-        interpreted, slowly, on CPU), or "auto" (cudnn where it applies, else xla).
+        interpreted on CPU, slower than xla), or "auto" (cudnn where it applies, else xla).
     Returns:
       (B, Lq, H, D) in the dtype of ``q``.
     """

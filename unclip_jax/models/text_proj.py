@@ -23,8 +23,6 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 class TextProj(nn.Module):
     """See the module docstring. Attributes as diffusers' config:
@@ -37,7 +35,7 @@ class TextProj(nn.Module):
     dtype: Any = "float32"
 
     def setup(self):
-        dtype = _DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
+        dtype = jnp.dtype(self.dtype)
         self.learned_classifier_free_guidance_embeddings = self.param(
             "learned_classifier_free_guidance_embeddings", nn.initializers.zeros,
             (self.clip_embeddings_dim,))

@@ -43,8 +43,6 @@ from unclip_jax.models.unet_blocks import (BlockSettings, DownBlock, MidBlock, T
 
 Dtype = Any
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 class UNet(nn.Module):
     """Diffusion UNet ε_θ(x_t, t, …) → (B, H, W, out_channels).
@@ -110,7 +108,7 @@ class UNet(nn.Module):
 
     @property
     def compute_dtype(self):
-        return _DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
+        return jnp.dtype(self.dtype)
 
     def _check_inputs(self, x, added_emb, context, aug_level):
         levels = len(self.channel_mult)

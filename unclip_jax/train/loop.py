@@ -32,14 +32,13 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import parallel
+from unclip_jax.compute_options import COMPUTE_DTYPES
 from unclip_jax.config import ConfigError
 from unclip_jax.data import DataError
 from unclip_jax.train import checkpoint as ckpt_lib
 from unclip_jax.train import metrics as metrics_lib
 from unclip_jax.train import optim, state as state_lib
 from unclip_jax.train.stage import Stage, get_stage
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def validate_config(config, mesh=None) -> None:
@@ -72,8 +71,8 @@ def validate_config(config, mesh=None) -> None:
             raise ValueError(f"microbatch batch_size/grad_accum = {micro} is not divisible by the "
                              f"mesh's data×fsdp = {shards} batch shards")
     dtype = config.model.get("dtype", "float32")
-    if dtype not in _DTYPES:
-        raise ValueError(f"config.model.dtype must be one of {_DTYPES}, got {dtype!r}")
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
     if not 0.0 <= float(config.optim.ema_decay) < 1.0:
         raise ValueError(f"config.optim.ema_decay must be in [0, 1), got {config.optim.ema_decay}")
 
