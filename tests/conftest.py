@@ -9,6 +9,17 @@ if ROOT not in sys.path:
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One persistent compilation cache for the whole test run, made before JAX is imported: the
+# subprocesses (sample.py, train.py, fake-device scripts) and the pytest-xdist workers
+# inherit it, so a program one of them compiled is loaded, not compiled again, by the next.
+# A test that studies the cache itself sets its own directory.
+_RUN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    _RUN_CACHE = tempfile.mkdtemp(prefix="unclip_jax_test_xla_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
 import jax  # noqa: E402
 
 # Parity with the float32 PyTorch references: no TF32-style reduced precision matmuls.
@@ -30,3 +41,11 @@ def tiny_karlo(tmp_path_factory):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return ref, src, out
+
+
+def pytest_unconfigure(config):
+    # Only the process that made the run's cache removes it (xdist workers inherit the
+    # variable, so their _RUN_CACHE is None).
+    if _RUN_CACHE is not None:
+        import shutil
+        shutil.rmtree(_RUN_CACHE, ignore_errors=True)
