@@ -259,8 +259,11 @@ def test_embeddings_round_trip(tmp_path):
         np.testing.assert_array_equal(ex["text_mask"], arrays["text_mask"][i])
     with pytest.raises(DataError, match="already holds"):
         embeddings.write_embeddings(str(tmp_path), arrays)
-    copy = pickle.loads(pickle.dumps(source))  # for grain workers: small, reopens the maps
-    assert len(pickle.dumps(source)) < 5000
+    # For grain workers: the pickle names the shard files and reopens their maps, it carries
+    # no array (its size grows with the length of the paths, not with the data).
+    pickled = pickle.dumps(source)
+    assert b"numpy" not in pickled
+    copy = pickle.loads(pickled)
     np.testing.assert_array_equal(copy[20]["text_hidden"], source[20]["text_hidden"])
 
 
