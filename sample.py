@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
-from unclip_jax import config as config_lib
+from unclip_jax import config as config_lib, xla_cpu
 from unclip_jax.compute_options import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,6 +116,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    xla_cpu.prefer_eigen_convolutions()  # before JAX starts; XLA:CPU only
     cfg, chosen = _settings()
     if cfg["num_images"] < 1:
         raise app.UsageError(f"--num_images must be >= 1, got {cfg['num_images']}")

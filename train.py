@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from unclip_jax import config as config_lib
+from unclip_jax import config as config_lib, xla_cpu
 
 _CONFIG = config_lib.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -29,6 +29,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    xla_cpu.prefer_eigen_convolutions()  # before JAX starts; XLA:CPU only
     from unclip_jax import parallel  # noqa: PLC0415 - after flag parsing, before any JAX use
     parallel.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from unclip_jax.train import loop  # noqa: PLC0415

@@ -75,7 +75,16 @@ def jax_device_info() -> dict[str, Any]:
     import jax
     d = jax.devices()[0]
     return {"backend": jax.default_backend(), "device_kind": d.device_kind, "device_count": jax.device_count(),
-            "platform_version": getattr(d.client, "platform_version", None), **host_cpu()}
+            "platform_version": getattr(d.client, "platform_version", None),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), **host_cpu()}
+
+
+def choose_xla_cpu_convolutions(ynn: bool) -> None:
+    """Before JAX starts: Eigen convolutions on XLA:CPU as ``sample.py`` runs them
+    (``unclip_jax.xla_cpu``), or with ``ynn`` XLA's default YNNPACK ones."""
+    if not ynn:
+        from unclip_jax import xla_cpu
+        xla_cpu.prefer_eigen_convolutions()
 
 
 def host_cpu() -> dict[str, Any]:

@@ -6,6 +6,8 @@ The shapes are those of the tiny decoder UNet of ``bench/arch.py`` at batch 2 (c
 free guidance doubles the batch of 1). Convolutions take most of that UNet's time on CPU,
 so this splits the cascade's ratio (``bench.cpu_tiny``) down to the operation XLA:CPU and
 torch's oneDNN each run. Reports the median of ``--reps`` timed calls after two warm-ups.
+XLA runs Eigen's convolutions (``unclip_jax/xla_cpu.py``, as ``sample.py``) unless
+``--ynn-convolutions``; ``taskset -c 0`` in front shows what a second core adds.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--ynn-convolutions", action="store_true",
+                    help="XLA:CPU's default YNNPACK convolutions (default: Eigen's, as sample.py runs them)")
     args = ap.parse_args(argv)
+    common.choose_xla_cpu_convolutions(ynn=args.ynn_convolutions)
 
     import jax
     import jax.numpy as jnp

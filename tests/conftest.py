@@ -20,6 +20,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
+# The XLA:CPU setting sample.py and train.py run with (faster convolutions), before JAX starts.
+from unclip_jax import xla_cpu  # noqa: E402
+
+xla_cpu.prefer_eigen_convolutions()
+
 import jax  # noqa: E402
 
 # Parity with the float32 PyTorch references: no TF32-style reduced precision matmuls.

@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune", action="store_true",
                         help="then run the fine-tuning legs that made the shipped model (FINETUNE_LEGS)")
     args = parser.parse_args(argv)
+    from unclip_jax import xla_cpu  # noqa: PLC0415
+    xla_cpu.prefer_eigen_convolutions()  # before JAX starts; XLA:CPU only
     if args.score:
         out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else ""
         if args.out and (os.path.isdir(args.out) or not os.path.isdir(out_dir)):
