@@ -1,8 +1,9 @@
 """XLA:CPU setting for faster convolutions, applied through ``XLA_FLAGS`` before JAX starts.
 
 From jaxlib 0.8, XLA:CPU hands convolutions to YNNPACK fusions. On the 2-core AMD EPYC of
-session 21 those 3x3 convolutions took about twice as long as XLA's Eigen convolutions and
-gained nothing from the second core (``bench/cpu_conv.py``, with and without ``taskset -c 0``).
+session 21 the tiny decoder's 3x3 convolutions took up to 1.8x as long as XLA's
+Eigen convolutions and gained nothing from the second core (``bench/cpu_conv.py``, with
+and without ``taskset -c 0``).
 Taking only convolutions out of the YNNPACK fusion types (dots, elementwise ops and
 reductions stay: without them the tiny cascade was slower) makes the tiny cascade about a
 quarter faster there (``bench/RESULTS.md``).
