@@ -79,10 +79,17 @@ def jax_device_info() -> dict[str, Any]:
             "xla_flags": os.environ.get("XLA_FLAGS", ""), **host_cpu()}
 
 
-def choose_xla_cpu_convolutions(ynn: bool) -> None:
+def add_xla_cpu_convolutions_flag(ap) -> None:
+    """``--ynn-convolutions`` on a CPU bench's parser (read by :func:`choose_xla_cpu_convolutions`)."""
+    ap.add_argument("--ynn-convolutions", action="store_true",
+                    help="keep XLA:CPU's default YNNPACK convolutions (default: Eigen's, as sample.py "
+                         "runs them; unclip_jax/xla_cpu.py)")
+
+
+def choose_xla_cpu_convolutions(args) -> None:
     """Before JAX starts: Eigen convolutions on XLA:CPU as ``sample.py`` runs them
-    (``unclip_jax.xla_cpu``), or with ``ynn`` XLA's default YNNPACK ones."""
-    if not ynn:
+    (``unclip_jax.xla_cpu``), or with ``--ynn-convolutions`` XLA's default YNNPACK ones."""
+    if not args.ynn_convolutions:
         from unclip_jax import xla_cpu
         xla_cpu.prefer_eigen_convolutions()
 

@@ -40,10 +40,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", default="")
-    ap.add_argument("--ynn-convolutions", action="store_true",
-                    help="XLA:CPU's default YNNPACK convolutions (default: Eigen's, as sample.py runs them)")
+    common.add_xla_cpu_convolutions_flag(ap)
     args = ap.parse_args(argv)
-    common.choose_xla_cpu_convolutions(ynn=args.ynn_convolutions)
+    common.choose_xla_cpu_convolutions(args)
 
     import jax
     import jax.numpy as jnp

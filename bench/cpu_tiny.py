@@ -35,15 +35,13 @@ def parse(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--ynn-convolutions", action="store_true",
-                    help="keep XLA:CPU's default of YNNPACK convolutions (default: Eigen's, as sample.py; "
-                         "unclip_jax/xla_cpu.py)")
+    common.add_xla_cpu_convolutions_flag(ap)
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = parse(argv)
-    common.choose_xla_cpu_convolutions(ynn=args.ynn_convolutions)
+    common.choose_xla_cpu_convolutions(args)
     emit = common.Emitter(args.out, side="both", setting="cpu tiny fp32")
     import torch
     import jax
