@@ -108,6 +108,32 @@ def host_cpu() -> dict[str, Any]:
     return {"cpu_model": field("model name"), "cpu_simd": " ".join(simd)}
 
 
+def cpu_times(stat_path: str = "/proc/stat") -> tuple[int, ...] | None:
+    """The host's cumulative CPU time counters, all CPUs together (the ``cpu`` line of Linux
+    ``/proc/stat``: user nice system idle iowait irq softirq steal ..., in clock ticks);
+    None where there is no such file."""
+    try:
+        with open(stat_path) as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    return tuple(int(v) for v in first[1:])
+
+
+def steal_share(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> float | None:
+    """Share of the CPU time between two :func:`cpu_times` readings that the hypervisor gave
+    to other guests (``steal``, the 8th counter). On a shared VM this slows both sides of a
+    comparison unevenly, so every timed comparison records it. None without both readings."""
+    if before is None or after is None or len(before) < 8 or len(after) < 8:
+        return None
+    # guest time (counters 9 and 10) is already inside user/nice: leave it out of the total
+    delta = [a - b for a, b in zip(after[:8], before[:8])]
+    total = sum(delta)
+    return round(delta[7] / total, 3) if total > 0 else None
+
+
 def memory_stats() -> dict[str, Any] | None:
     """``memory_stats()`` of the first device (None on backends without it, e.g. CPU)."""
     import jax

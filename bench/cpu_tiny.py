@@ -12,7 +12,9 @@ Timing: our program is compiled first (reported apart, not timed with the runs);
 side gets one warm-up call per batch size; then ``--reps`` rounds, each timing diffusers
 then ours back to back (interleaved, so that load from other jobs on the machine hits
 both sides alike). Reported per batch: images/s of each side (mean and best over the
-rounds), the ratio of means, and the median of the per-round ratios.
+rounds), the ratio of means, the median of the per-round ratios, and ``cpu_steal``: the
+share of the host's CPU time the hypervisor gave to other guests meanwhile (on a shared VM
+it slows both sides unevenly: ``top`` showed 33-50 % steal on the 2-core EPYC in session 22).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def main(argv=None):
             if d_images.shape != o_images.shape:
                 raise ValueError(f"image shapes differ: diffusers {d_images.shape}, ours {o_images.shape}")
             d_times, o_times = [], []
+            cpu_before = common.cpu_times()
             for _ in range(args.reps):
                 d_times.append(diffusers_call(b)[0])
                 o_times.append(runner.run(b)[0])
@@ -110,7 +113,7 @@ def main(argv=None):
                  warmup_s={"diffusers": round(d0, 3), "ours": round(o0, 3)},
                  ratio_of_means=round(d_mean / o_mean, 3),
                  median_round_ratio=round(statistics.median(d / o for d, o in zip(d_times, o_times)), 3),
-                 loadavg=os.getloadavg())
+                 cpu_steal=common.steal_share(cpu_before, common.cpu_times()), loadavg=os.getloadavg())
         emit.guard(f"sampling batch {b}", measure, batch=b)
 
 

@@ -86,6 +86,19 @@ def test_report_ratios_and_verdicts(tmp_path):
     assert "| 32 | 6.3 |" in report.markdown(s)
 
 
+def test_cpu_steal_share_from_proc_stat(tmp_path):
+    from bench import common
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+    before = common.cpu_times(str(stat))
+    assert before == (100, 0, 50, 800, 10, 0, 0, 40, 0, 0)
+    # 120 ticks pass: 60 user, 20 idle, 40 steal; guest counters (9th, 10th) stay out of the total
+    stat.write_text("cpu  160 0 50 820 10 0 0 80 30 0\n")
+    assert common.steal_share(before, common.cpu_times(str(stat))) == round(40 / 120, 3)
+    assert common.steal_share(before, None) is None
+    assert common.cpu_times(str(tmp_path / "missing")) is None
+
+
 def test_shapes_prior_probe_reads_variants():
     from bench.shapes_prior_probe import parse_variant
     assert parse_variant("true") == ("true", {})
