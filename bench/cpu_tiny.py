@@ -1,6 +1,6 @@
 """CPU side by side: the tiny cascade of diffusers' UnCLIPPipeline against ours, one process.
 
-    python -m bench.cpu_tiny --batches 1 --reps 3 --out OUT/cpu_tiny.jsonl
+    python -m bench.cpu_tiny --batches 1 --reps 3 [--stages] --out OUT/cpu_tiny.jsonl
 
 Both sides run the SAME network: the tiny pipeline of ``bench/arch.py`` is built in diffusers
 with random weights, saved with ``save_pretrained`` and read by our converters
@@ -14,7 +14,10 @@ then ours back to back (interleaved, so that load from other jobs on the machine
 both sides alike). Reported per batch: images/s of each side (mean and best over the
 rounds), the ratio of means, the median of the per-round ratios, and ``cpu_steal``: the
 share of the host's CPU time the hypervisor gave to other guests meanwhile (on a shared VM
-it slows both sides unevenly: ``top`` showed 33-50 % steal on the 2-core EPYC in session 22).
+it slows the two sides unevenly; 0.034 in the session-22 run of ``bench/RESULTS.md``).
+``--stages`` adds a ``stages`` line: seconds per stage at batch 1, diffusers' from timed
+``forward`` calls of each stage's modules during whole pipeline calls (the rest as ``other``),
+ours from each stage jitted alone, and the ratio per stage.
 """
 
 from __future__ import annotations
@@ -37,8 +40,74 @@ def parse(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--stages", action="store_true",
+                    help="also time each stage alone on both sides at batch 1 (a 'stages' line)")
     common.add_xla_cpu_convolutions_flag(ap)
     return ap.parse_args(argv)
+
+
+# diffusers' pipeline modules of each cascade stage (text_proj runs inside the decoder stage)
+TORCH_STAGES = {"clip_text": ("text_encoder",), "prior": ("prior",), "decoder": ("text_proj", "decoder"),
+                "super_res": ("super_res_first", "super_res_last")}
+
+
+def torch_stage_seconds(pipe, run, reps: int) -> dict[str, float]:
+    """Mean seconds per pipeline call spent in each stage's modules (their ``forward`` calls,
+    timed by a wrapper), over ``reps`` calls of ``run()``; 'other' is the rest of the call
+    (schedulers, guidance arithmetic, tokenising, image conversion)."""
+    import time as clock
+    spent = {stage: 0.0 for stage in TORCH_STAGES}
+    originals = {}
+    for stage, names in TORCH_STAGES.items():
+        for name in names:
+            module = getattr(pipe, name)
+            originals[name] = module.forward
+
+            def timed(*a, _forward=module.forward, _stage=stage, **k):
+                start = clock.perf_counter()
+                out = _forward(*a, **k)
+                spent[_stage] += clock.perf_counter() - start
+                return out
+            module.forward = timed
+    try:
+        start = clock.perf_counter()
+        for _ in range(reps):
+            run()
+        total = (clock.perf_counter() - start) / reps
+    finally:
+        for name, forward in originals.items():
+            getattr(pipe, name).forward = forward
+    out = {stage: round(seconds / reps, 3) for stage, seconds in spent.items()}
+    out["other"] = round(total - sum(spent.values()) / reps, 3)
+    return out
+
+
+def our_stage_seconds(runner, reps: int) -> dict[str, float]:
+    """Median seconds of each stage of our cascade at batch 1, each jitted alone (compiled
+    first, not timed) and fed the previous stage's outputs."""
+    import jax
+    from bench.cascade import cascade_stages
+    stage = {name: jax.jit(fn) for name, fn in cascade_stages(runner.configs).items()}
+    params, ids, mask, null_ids, null_mask, seed = runner.args(1)
+    k_prior, k_dec, k_sr = jax.random.split(jax.random.key(seed), 3)
+    calls = {"clip_text": lambda: stage["clip_text"](params, ids, null_ids)}
+    embed, hidden, null_embed, null_hidden = jax.block_until_ready(calls["clip_text"]())
+    calls["prior"] = lambda: stage["prior"](params, embed, hidden, mask, null_embed, null_hidden, null_mask, k_prior)
+    z_i = jax.block_until_ready(calls["prior"]())
+    calls["decoder"] = lambda: stage["decoder"](params, z_i, embed, hidden, mask, null_embed, null_hidden, null_mask,
+                                                k_dec)
+    low = jax.block_until_ready(calls["decoder"]())
+    calls["super_res"] = lambda: stage["super_res"](params, low, k_sr)
+    jax.block_until_ready(calls["super_res"]())
+    out = {}
+    for name, call in calls.items():
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times.append(time.perf_counter() - start)
+        out[name] = round(statistics.median(times), 3)
+    return out
 
 
 def main(argv=None):
@@ -115,6 +184,17 @@ def main(argv=None):
                  median_round_ratio=round(statistics.median(d / o for d, o in zip(d_times, o_times)), 3),
                  cpu_steal=common.steal_share(cpu_before, common.cpu_times()), loadavg=os.getloadavg())
         emit.guard(f"sampling batch {b}", measure, batch=b)
+
+    if args.stages:
+        def stages():
+            cpu_before = common.cpu_times()
+            run = lambda: run_pipe(pipe, [PROMPT], torch.Generator().manual_seed(0))
+            diffusers_s = torch_stage_seconds(pipe, run, args.reps)
+            ours_s = our_stage_seconds(runner, args.reps)
+            emit("stages", batch=1, reps=args.reps, diffusers_s=diffusers_s, ours_s=ours_s,
+                 ratio={k: round(diffusers_s[k] / ours_s[k], 3) for k in ours_s if ours_s[k] > 0},
+                 cpu_steal=common.steal_share(cpu_before, common.cpu_times()), loadavg=os.getloadavg())
+        emit.guard("stages", stages)
 
 
 if __name__ == "__main__":
