@@ -99,6 +99,33 @@ def test_cpu_steal_share_from_proc_stat(tmp_path):
     assert common.cpu_times(str(tmp_path / "missing")) is None
 
 
+def test_torch_stage_seconds_splits_a_call_by_stage_and_restores_the_modules():
+    """``bench.cpu_tiny --stages``, diffusers' side: each stage's module forwards are timed
+    inside whole calls; the rest of the call is 'other'; the modules are left as found."""
+    import time
+    from types import SimpleNamespace
+
+    from bench.cpu_tiny import TORCH_STAGES, torch_stage_seconds
+
+    def module(seconds):
+        return SimpleNamespace(forward=lambda *a, **k: time.sleep(seconds) or seconds)
+    pipe = SimpleNamespace(**{name: module(0.0) for names in TORCH_STAGES.values() for name in names})
+    pipe.decoder, pipe.prior = module(0.1), module(0.05)
+    forwards = {name: getattr(pipe, name).forward for names in TORCH_STAGES.values() for name in names}
+
+    def run():  # the pipeline: prior once, decoder twice, 0.1 s of its own work
+        pipe.prior.forward()
+        pipe.decoder.forward()
+        pipe.decoder.forward()
+        time.sleep(0.1)
+    seconds = torch_stage_seconds(pipe, run, reps=2)
+    assert set(seconds) == set(TORCH_STAGES) | {"other"}
+    # lower bounds exact (sleep never returns early), upper bounds with room for a loaded machine
+    assert 0.2 <= seconds["decoder"] < 0.3 and 0.05 <= seconds["prior"] < 0.1
+    assert 0.1 <= seconds["other"] < 0.2 and seconds["super_res"] < 0.05
+    assert all(getattr(pipe, name).forward is f for name, f in forwards.items())
+
+
 def test_shapes_prior_probe_reads_variants():
     from bench.shapes_prior_probe import parse_variant
     assert parse_variant("true") == ("true", {})
