@@ -55,7 +55,6 @@ def torch_stage_seconds(pipe, run, reps: int) -> dict[str, float]:
     """Mean seconds per pipeline call spent in each stage's modules (their ``forward`` calls,
     timed by a wrapper), over ``reps`` calls of ``run()``; 'other' is the rest of the call
     (schedulers, guidance arithmetic, tokenising, image conversion)."""
-    import time as clock
     spent = {stage: 0.0 for stage in TORCH_STAGES}
     originals = {}
     for stage, names in TORCH_STAGES.items():
@@ -64,16 +63,16 @@ def torch_stage_seconds(pipe, run, reps: int) -> dict[str, float]:
             originals[name] = module.forward
 
             def timed(*a, _forward=module.forward, _stage=stage, **k):
-                start = clock.perf_counter()
+                start = time.perf_counter()
                 out = _forward(*a, **k)
-                spent[_stage] += clock.perf_counter() - start
+                spent[_stage] += time.perf_counter() - start
                 return out
             module.forward = timed
     try:
-        start = clock.perf_counter()
+        start = time.perf_counter()
         for _ in range(reps):
             run()
-        total = (clock.perf_counter() - start) / reps
+        total = (time.perf_counter() - start) / reps
     finally:
         for name, forward in originals.items():
             getattr(pipe, name).forward = forward
