@@ -134,6 +134,21 @@ def steal_share(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -
     return round(delta[7] / total, 3) if total > 0 else None
 
 
+class StealMeter:
+    """``with StealMeter() as steal: ...`` then ``steal.share``: the :func:`steal_share` of
+    the block (None where ``/proc/stat`` is missing, or until the block ends)."""
+
+    def __init__(self, stat_path: str = "/proc/stat"):
+        self.stat_path, self.share, self._before = stat_path, None, None
+
+    def __enter__(self) -> "StealMeter":
+        self._before = cpu_times(self.stat_path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.share = steal_share(self._before, cpu_times(self.stat_path))
+
+
 def memory_stats() -> dict[str, Any] | None:
     """``memory_stats()`` of the first device (None on backends without it, e.g. CPU)."""
     import jax

@@ -60,17 +60,17 @@ def main(argv=None):
         x = rng.standard_normal((2, size, size, cin)).astype(np.float32)
         w = (rng.standard_normal((3, 3, cin, cout)) * 0.1).astype(np.float32)
         xj, wj = jnp.asarray(x), jnp.asarray(w)
-        cpu_before = common.cpu_times()
-        ours = median_ms(lambda: conv(xj, wj).block_until_ready(), args.reps)
         xt = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
         wt = torch.as_tensor(w).permute(3, 2, 0, 1).contiguous()
-        with torch.no_grad():
+        with common.StealMeter() as steal, torch.no_grad():
+            ours = median_ms(lambda: conv(xj, wj).block_until_ready(), args.reps)
             reference = median_ms(lambda: torch.nn.functional.conv2d(xt, wt, padding=1), args.reps)
+        with torch.no_grad():
             diff = float(np.abs(np.asarray(conv(xj, wj)) - torch.nn.functional.conv2d(xt, wt, padding=1)
                                 .permute(0, 2, 3, 1).numpy()).max())
         emit("conv", input_nhwc=[2, size, size, cin], out_channels=cout, ours_ms=ours, torch_ms=reference,
              ratio=round(reference / ours, 3), max_abs_diff=diff,
-             cpu_steal=common.steal_share(cpu_before, common.cpu_times()))
+             cpu_steal=steal.share)
 
 
 if __name__ == "__main__":

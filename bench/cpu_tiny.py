@@ -14,7 +14,8 @@ then ours back to back (interleaved, so that load from other jobs on the machine
 both sides alike). Reported per batch: images/s of each side (mean and best over the
 rounds), the ratio of means, the median of the per-round ratios, and ``cpu_steal``: the
 share of the host's CPU time the hypervisor gave to other guests meanwhile (on a shared VM
-it slows the two sides unevenly; 0.034 in the session-22 run of ``bench/RESULTS.md``).
+it slows the two sides unevenly; 0.034 in the session-22 run of ``bench/RESULTS.md``), over
+all rounds and (``round_cpu_steal``) during each side's call of each round.
 ``--stages`` adds a ``stages`` line: seconds per stage at batch 1, diffusers' from timed
 ``forward`` calls of each stage's modules during whole pipeline calls (the rest as ``other``),
 ours from each stage jitted alone, and the ratio per stage.
@@ -170,29 +171,34 @@ def main(argv=None):
             o0, o_images = runner.run(b)
             if d_images.shape != o_images.shape:
                 raise ValueError(f"image shapes differ: diffusers {d_images.shape}, ours {o_images.shape}")
-            d_times, o_times = [], []
-            cpu_before = common.cpu_times()
-            for _ in range(args.reps):
-                d_times.append(diffusers_call(b)[0])
-                o_times.append(runner.run(b)[0])
+            d_times, o_times, d_steal, o_steal = [], [], [], []
+            with common.StealMeter() as steal:
+                for _ in range(args.reps):
+                    with common.StealMeter() as round_steal:
+                        d_times.append(diffusers_call(b)[0])
+                    d_steal.append(round_steal.share)
+                    with common.StealMeter() as round_steal:
+                        o_times.append(runner.run(b)[0])
+                    o_steal.append(round_steal.share)
             d_mean, o_mean = statistics.fmean(d_times), statistics.fmean(o_times)
             emit("sampling_pair", batch=b, shape=list(o_images.shape), reps=args.reps,
                  diffusers=common.timing_stats(d_times, b), ours=common.timing_stats(o_times, b),
                  warmup_s={"diffusers": round(d0, 3), "ours": round(o0, 3)},
                  ratio_of_means=round(d_mean / o_mean, 3),
                  median_round_ratio=round(statistics.median(d / o for d, o in zip(d_times, o_times)), 3),
-                 cpu_steal=common.steal_share(cpu_before, common.cpu_times()), loadavg=os.getloadavg())
+                 cpu_steal=steal.share, round_cpu_steal={"diffusers": d_steal, "ours": o_steal},
+                 loadavg=os.getloadavg())
         emit.guard(f"sampling batch {b}", measure, batch=b)
 
     if args.stages:
         def stages():
-            cpu_before = common.cpu_times()
             run = lambda: run_pipe(pipe, [PROMPT], torch.Generator().manual_seed(0))
-            diffusers_s = torch_stage_seconds(pipe, run, args.reps)
-            ours_s = our_stage_seconds(runner, args.reps)
+            with common.StealMeter() as steal:
+                diffusers_s = torch_stage_seconds(pipe, run, args.reps)
+                ours_s = our_stage_seconds(runner, args.reps)
             emit("stages", batch=1, reps=args.reps, diffusers_s=diffusers_s, ours_s=ours_s,
                  ratio={k: round(diffusers_s[k] / ours_s[k], 3) for k in ours_s if ours_s[k] > 0},
-                 cpu_steal=common.steal_share(cpu_before, common.cpu_times()), loadavg=os.getloadavg())
+                 cpu_steal=steal.share, loadavg=os.getloadavg())
         emit.guard("stages", stages)
 
 

@@ -98,6 +98,16 @@ def test_cpu_steal_share_from_proc_stat(tmp_path):
     assert common.steal_share(before, None) is None
     assert common.cpu_times(str(tmp_path / "missing")) is None
 
+    # the same share measured around a block (the CPU benches' rounds)
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\n")
+    with common.StealMeter(str(stat)) as steal:
+        assert steal.share is None
+        stat.write_text("cpu  160 0 50 820 10 0 0 80 30 0\n")
+    assert steal.share == round(40 / 120, 3)
+    with common.StealMeter(str(tmp_path / "missing")) as steal:
+        pass
+    assert steal.share is None
+
 
 def test_torch_stage_seconds_splits_a_call_by_stage_and_restores_the_modules():
     """``bench.cpu_tiny --stages``, diffusers' side: each stage's module forwards are timed
