@@ -66,6 +66,12 @@ def cascade_stages(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = 
     return {"clip_text": clip_text, "prior": prior, "decoder": decoder, "super_res": super_res}
 
 
+def stage_keys(seed) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The prior's, decoder's and super-res stage's PRNG keys for a cascade call's ``seed``."""
+    k_prior, k_dec, k_sr = jax.random.split(jax.random.key(seed), 3)
+    return k_prior, k_dec, k_sr
+
+
 def make_cascade(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SAMPLING) -> Callable:
     """``cascade(params, ids, mask, null_ids, null_mask, seed) -> images (B, S, S, 3)``, jitted.
 
@@ -77,7 +83,7 @@ def make_cascade(configs: Mapping[str, Any], *, sampling: Mapping[str, Any] = SA
     stage = cascade_stages(configs, sampling=sampling)
 
     def cascade(params, ids, mask, null_ids, null_mask, seed):
-        k_prior, k_dec, k_sr = jax.random.split(jax.random.key(seed), 3)
+        k_prior, k_dec, k_sr = stage_keys(seed)
         # Named scopes put the stage into every op's metadata (bench/profile.py splits a
         # device trace by stage with them); they do not change the computation.
         with jax.named_scope("clip_text"):

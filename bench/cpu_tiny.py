@@ -86,10 +86,10 @@ def our_stage_seconds(runner, reps: int) -> dict[str, float]:
     """Median seconds of each stage of our cascade at batch 1, each jitted alone (compiled
     first, not timed) and fed the previous stage's outputs."""
     import jax
-    from bench.cascade import cascade_stages
+    from bench.cascade import cascade_stages, stage_keys
     stage = {name: jax.jit(fn) for name, fn in cascade_stages(runner.configs).items()}
     params, ids, mask, null_ids, null_mask, seed = runner.args(1)
-    k_prior, k_dec, k_sr = jax.random.split(jax.random.key(seed), 3)
+    k_prior, k_dec, k_sr = stage_keys(seed)
     calls = {"clip_text": lambda: stage["clip_text"](params, ids, null_ids)}
     embed, hidden, null_embed, null_hidden = jax.block_until_ready(calls["clip_text"]())
     calls["prior"] = lambda: stage["prior"](params, embed, hidden, mask, null_embed, null_hidden, null_mask, k_prior)
