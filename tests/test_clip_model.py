@@ -70,7 +70,9 @@ def test_bfloat16_and_remat_track_float32(tiny):
     ref = forward(CLIPModel(cfg))
     g_ref, g_remat = text_grads(cfg), text_grads(cfg.replace(remat=True))
     for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_remat)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        # rtol too: remat recomputes the forward inside the backward, and XLA may round it
+        # differently (gradients up to ~130 here; 3e-6 relative on JAX 0.7.1)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(g_ref["block_0"]["q"]["kernel"])).max() > 0
 
     bf16 = forward(CLIPModel(cfg.replace(dtype="bfloat16")))

@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from tests.train_scripts.toy_stage import ToyStage, toy_config
+from tests.train_scripts.toy_stage import ToyStage, spec_text, toy_config
 from unclip_jax.convert.common import save_pretrained
 from unclip_jax.train import loop
 
@@ -29,7 +29,7 @@ def main(out: str) -> None:
     loaded = jax.tree_util.tree_leaves(state.params)
     saved = jax.tree_util.tree_leaves(first.state.ema_params)
     print(json.dumps({
-        "specs": sorted({str(x.sharding.spec) for x in loaded}),
+        "specs": sorted({spec_text(x.sharding.spec) for x in loaded}),
         "devices": len(jax.devices()),
         "equal": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(loaded, saved, strict=True)),
     }))

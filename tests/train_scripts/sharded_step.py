@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from tests.train_scripts.toy_stage import ToySource, ToyStage, toy_batches, toy_config
+from tests.train_scripts.toy_stage import ToySource, ToyStage, spec_text, toy_batches, toy_config
 from unclip_jax import parallel
 from unclip_jax.train.loop import Trainer
 from unclip_jax.train.stage import register_stage
@@ -52,10 +52,10 @@ def run(mesh_shape, grad_accum=1, stage=None, steps=2):
         "losses": losses,
         "grad_norms": grad_norms,
         "params": params,
-        "fc1_spec": str(state.params["fc1"]["kernel"].sharding.spec),
-        "fc1_mu_spec": str(mu["fc1"]["kernel"].sharding.spec),
-        "fc2_spec": str(state.params["fc2"]["kernel"].sharding.spec),
-        "bias_spec": str(state.params["fc1"]["bias"].sharding.spec),
+        "fc1_spec": spec_text(state.params["fc1"]["kernel"].sharding.spec),
+        "fc1_mu_spec": spec_text(mu["fc1"]["kernel"].sharding.spec),
+        "fc2_spec": spec_text(state.params["fc2"]["kernel"].sharding.spec),
+        "bias_spec": spec_text(state.params["fc1"]["bias"].sharding.spec),
         "fc1_shard_shape": list(state.params["fc1"]["kernel"].addressable_shards[0].data.shape),
     }
 

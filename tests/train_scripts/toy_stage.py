@@ -156,3 +156,9 @@ class ToyStage(Stage):
         cls = np.array([e["cls"] for e in examples], np.int32)
         pred = self._model(config).apply({"params": params}, x, cls)
         return {"mse": jnp.mean((pred - np.array([e["y"] for e in examples])) ** 2)}
+
+
+def spec_text(spec) -> str:
+    """A partition spec as "P(None, 'fsdp')" on every JAX version (JAX 0.7 prints
+    PartitionSpec(None, 'fsdp'), later versions P(None, 'fsdp'))."""
+    return "P(" + ", ".join(repr(axis) for axis in spec) + ")"
