@@ -65,7 +65,6 @@ def main(argv=None):
         with common.StealMeter() as steal, torch.no_grad():
             ours = median_ms(lambda: conv(xj, wj).block_until_ready(), args.reps)
             reference = median_ms(lambda: torch.nn.functional.conv2d(xt, wt, padding=1), args.reps)
-        with torch.no_grad():
             diff = float(np.abs(np.asarray(conv(xj, wj)) - torch.nn.functional.conv2d(xt, wt, padding=1)
                                 .permute(0, 2, 3, 1).numpy()).max())
         emit("conv", input_nhwc=[2, size, size, cin], out_channels=cout, ours_ms=ours, torch_ms=reference,
